@@ -1,0 +1,1 @@
+"""Corolla's ClientApp, models, local training loops and node data."""

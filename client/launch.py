@@ -1,0 +1,142 @@
+"""Build the ``flower-supernode`` command that serves Corolla's ClientApp on one node.
+
+A node's data assignment travels in Flower's node config: ``partition-id`` and
+``num-partitions`` for a share of the run's dataset, or ``data-dir`` for a
+directory with the node's own files (see ``client.node_data``). The SuperNode
+connects to the SuperLink over TLS and, when the SuperLink enables node
+authentication, signs its requests with the node's private key.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# Flower 1.42 serves a SuperNode's runtime API (the ClientApp process's
+# connection, called ClientAppIo before 1.42) on 127.0.0.1:9094 by default.
+DEFAULT_RUNTIME_PORT = 9094
+
+
+def parse_partition(text: str) -> tuple[int, int]:
+    """Parse ``I/N`` into ``(partition_id, num_partitions)`` with ``0 <= I < N``.
+
+    Raises ValueError with the expected form when the text is malformed or out of range.
+    """
+    parts = text.strip().split("/")
+    if len(parts) != 2:
+        raise ValueError(f"Invalid partition {text!r}: expected I/N, for example 0/2 for the first of two nodes.")
+    try:
+        partition_id, num_partitions = int(parts[0]), int(parts[1])
+    except ValueError:
+        raise ValueError(
+            f"Invalid partition {text!r}: I and N in I/N must be integers, for example 1/4."
+        ) from None
+    if num_partitions < 1:
+        raise ValueError(f"Invalid partition {text!r}: the number of partitions N must be at least 1.")
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(
+            f"Invalid partition {text!r}: the partition id I must be in 0..{num_partitions - 1} "
+            f"for N = {num_partitions} (ids count from 0)."
+        )
+    return partition_id, num_partitions
+
+
+def node_config_string(partition: tuple[int, int] | None = None, data_dir: Path | None = None) -> str:
+    """Return the ``--node-config`` value for exactly one of ``partition`` or ``data_dir``.
+
+    ``data_dir`` is made absolute, because the ClientApp runs in its own
+    process whose working directory is not the caller's. Flower 1.42 reads
+    each value as TOML, so the path is written as a quoted TOML string.
+    """
+    if (partition is None) == (data_dir is None):
+        raise ValueError("Give exactly one of a partition (I/N) or a data directory.")
+    if partition is not None:
+        partition_id, num_partitions = partition
+        if not 0 <= partition_id < num_partitions:
+            raise ValueError(f"Invalid partition {partition_id}/{num_partitions}: need 0 <= I < N.")
+        return f"partition-id={partition_id} num-partitions={num_partitions}"
+
+    path = str(Path(data_dir).expanduser().resolve())
+    if any(ord(character) < 0x20 for character in path):
+        raise ValueError(f"Invalid data directory {path!r}: it contains a control character.")
+    if '"' not in path:
+        return 'data-dir="' + path.replace("\\", "\\\\") + '"'
+    if "'" not in path:
+        return f"data-dir='{path}'"
+    raise ValueError(f"Invalid data directory {path!r}: a path with both quote characters cannot pass through --node-config.")
+
+
+def find_free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port on ``host`` that was free when this function checked it.
+
+    NOTE: another process may take the port before the SuperNode binds it, in
+    which case the SuperNode exits with an address-in-use error.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def supernode_command(
+    server: str,
+    root_certificates: Path,
+    private_key: Path | None,
+    partition: tuple[int, int] | None = None,
+    data_dir: Path | None = None,
+    *,
+    runtime_port: int = DEFAULT_RUNTIME_PORT,
+    runtime_host: str = "127.0.0.1",
+    max_retries: int | None = None,
+    max_wait_time: float | None = None,
+    executable: str = "flower-supernode",
+) -> list[str]:
+    """Build the ``flower-supernode`` command for one node.
+
+    ``server`` is the SuperLink's ``host:port``, verified against the CA
+    certificate ``root_certificates``. ``private_key`` is the node's OpenSSH
+    EC key, required when the SuperLink runs with ``--enable-supernode-auth``.
+    ``runtime_port`` binds the SuperNode's local runtime API, which its
+    ClientApp processes call; two SuperNodes on one machine need two ports.
+    Flower 1.42's SuperNode never installs app dependencies unless
+    ``--allow-runtime-dependency-installation`` is given, and this command never gives it.
+    """
+    if not (1 <= runtime_port <= 65535):
+        raise ValueError(f"Invalid runtime port {runtime_port}: it must be in 1..65535.")
+    _check_server_address(server)
+    root_certificates = Path(root_certificates).expanduser().resolve()
+    if not root_certificates.is_file():
+        raise FileNotFoundError(f"CA certificate {root_certificates} not found; copy ca.crt from the server's certificate directory.")
+
+    command = [
+        executable,
+        "--superlink", server,
+        "--root-certificates", str(root_certificates),
+    ]
+    if private_key is not None:
+        private_key = Path(private_key).expanduser().resolve()
+        if not private_key.is_file():
+            raise FileNotFoundError(f"Node private key {private_key} not found.")
+        command += ["--auth-supernode-private-key", str(private_key)]
+    command += [
+        "--node-config", node_config_string(partition, data_dir),
+        "--host", runtime_host,
+        "--port", str(runtime_port),
+    ]
+    if max_retries is not None:
+        command += ["--max-retries", str(max_retries)]
+    if max_wait_time is not None:
+        command += ["--max-wait-time", str(max_wait_time)]
+    return command
+
+
+def _check_server_address(server: str) -> None:
+    host, separator, port = server.rpartition(":")
+    if not separator or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(
+            f"Invalid SuperLink address {server!r}: expected HOST:PORT, for example "
+            "127.0.0.1:8000 or [::1]:8000, without https://."
+        )

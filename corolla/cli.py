@@ -1,0 +1,236 @@
+"""The ``corolla`` command: simulate, list, report, and the deployment commands.
+
+Each subcommand is a thin layer over the library: ``simulate`` drives the
+ServerApp and ClientApp on one machine, the deployment commands print and run
+Flower's own commands (``flower-superlink``, ``flower-supernode``, ``flwr run``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from simulations.experiments import CONFIG_KEYS, EXPERIMENTS, ConfigError, parse_override, resolve_run_config
+
+logger = logging.getLogger(__name__)
+
+ENGINES = ("inprocess", "ray")
+
+
+def app_directory() -> Path:
+    """Return the Flower App directory: the folder whose pyproject.toml names Corolla's components."""
+    import server
+
+    root = Path(server.__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file():
+        raise FileNotFoundError(
+            f"No pyproject.toml next to the installed packages in {root}; the Ray engine and "
+            "`corolla run` need the source checkout, installed with `pip install -e .`."
+        )
+    return root
+
+
+def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, value = parse_override(pair)
+        overrides[key] = value
+    return overrides
+
+
+def _configure_logging(verbose: bool) -> None:
+    from flwr.common.logger import FLOWER_LOGGER  # importing flwr sets its logger's level
+
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)
+    FLOWER_LOGGER.setLevel(level)
+    # Flower's logger has its own handler; propagating too would print each line twice.
+    FLOWER_LOGGER.propagate = False
+
+
+class ProgressDisplay:
+    """Print one line per finished round by following a run's ``events.jsonl``.
+
+    Following the event stream works the same for both engines, because the
+    ServerApp writes it whichever process it runs in.
+    """
+
+    def __init__(self, events_path: Path, num_rounds: int, stream=sys.stdout) -> None:
+        self.events_path = events_path
+        self.num_rounds = num_rounds
+        self.stream = stream
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+
+    def __enter__(self) -> ProgressDisplay:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _follow(self) -> None:
+        from google.protobuf import json_format
+
+        from protos.corolla.v1 import events_pb2
+
+        position = 0
+        while True:
+            stopping = self._stop.is_set()
+            if self.events_path.is_file():
+                with open(self.events_path, encoding="utf-8") as stream:
+                    stream.seek(position)
+                    while line := stream.readline():
+                        if not line.endswith("\n"):
+                            break
+                        position = stream.tell()
+                        event = json_format.Parse(line, events_pb2.RunEvent())
+                        if event.WhichOneof("event") == "round_metrics":
+                            self._print_round(event.round, event.round_metrics)
+            if stopping:
+                return
+            self._stop.wait(0.2)
+
+    def _print_round(self, server_round: int, metrics) -> None:
+        width = 20
+        filled = round(width * server_round / max(self.num_rounds, 1))
+        bar = "#" * filled + "-" * (width - filled)
+        parts = [f"round {server_round:>3}/{self.num_rounds} [{bar}]"]
+        if "accuracy" in metrics.central:
+            parts.append(f"accuracy {metrics.central['accuracy']:.4f}  loss {metrics.central['loss']:.4f}")
+        if "train-loss" in metrics.train:
+            parts.append(f"train loss {metrics.train['train-loss']:.4f}")
+        if server_round > 0:
+            parts.append(f"{metrics.accepted_replies} accepted, {metrics.rejected_replies} rejected")
+        if metrics.kept_previous_model:
+            parts.append("kept previous model")
+        parts.append(f"{metrics.elapsed_seconds:6.1f} s")
+        print("  ".join(parts), file=self.stream, flush=True)
+
+
+def simulate(args: argparse.Namespace) -> int:
+    """Run an experiment on one machine with the chosen engine."""
+    from server.results import default_run_directory
+
+    overrides = _parse_overrides(args.set)
+    run_config = resolve_run_config(args.experiment, overrides)
+    out_dir = Path(args.out).resolve() if args.out else default_run_directory(args.experiment)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ConfigError(f"Output directory {out_dir} is not empty; choose another --out or remove it.")
+    run_config["out-dir"] = str(out_dir)
+
+    print(f"Corolla: {args.experiment} with {run_config['strategy']} on the {args.engine} engine -> {out_dir}", flush=True)
+    started = time.perf_counter()
+    with ProgressDisplay(out_dir / "events.jsonl", int(run_config["num-server-rounds"])):
+        if args.engine == "inprocess":
+            from simulations.inprocess import run_inprocess
+
+            summary = run_inprocess(run_config)
+        else:
+            import json
+
+            from simulations.ray_engine import run_with_ray
+
+            run_with_ray(run_config, app_directory())
+            summary = json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
+
+    final = summary["final"]
+    print(
+        f"Finished {summary['rounds']} rounds in {time.perf_counter() - started:.1f} s: "
+        f"central test accuracy {final['accuracy']:.4f}, loss {final['loss']:.4f}. Results in {out_dir}"
+    )
+    return 0
+
+
+def list_components(args: argparse.Namespace) -> int:
+    """Print experiments, strategies, models, datasets, partitioners and run-config keys."""
+    from client.models import MODELS
+    from simulations.datasets import DATASETS
+    from simulations.partition import PARTITIONERS
+    from strategies import STRATEGIES
+
+    sections = [
+        ("Experiments", {name: experiment.description for name, experiment in EXPERIMENTS.items()}),
+        ("Strategies", {name: description for name, (_, description) in STRATEGIES.items()}),
+        ("Models", {name: description for name, (_, description) in MODELS.items()}),
+        ("Datasets", dict(DATASETS)),
+        ("Partitioners", dict(PARTITIONERS)),
+        ("Run-config keys (--set KEY=VALUE)", {key.name: f"{key.help} Default: {key.default!r}." for key in CONFIG_KEYS}),
+    ]
+    for title, entries in sections:
+        print(f"{title}:")
+        width = max(len(name) for name in entries)
+        for name, description in entries.items():
+            print(f"  {name:<{width}}  {description}")
+        print()
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    """Print a comparison table of runs and write a plot of their accuracy per round."""
+    from simulations.report import compare_runs
+
+    table, plot_path = compare_runs([Path(run) for run in args.runs], Path(args.out) if args.out else None)
+    print(table)
+    print(f"Plot written to {plot_path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser of the ``corolla`` command."""
+    parser = argparse.ArgumentParser(prog="corolla", description=__doc__.splitlines()[0])
+    parser.add_argument("--verbose", "-v", action="store_true", help="log Flower's and Corolla's INFO messages")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+
+    sim = subparsers.add_parser("simulate", help="run an experiment on this machine")
+    sim.add_argument("experiment", choices=sorted(EXPERIMENTS), metavar="EXPERIMENT", help="experiment preset (see `corolla list`)")
+    sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a run-config value; repeatable")
+    sim.add_argument("--out", help="run directory (default: runs/<time>-<experiment>)")
+    sim.add_argument("--engine", choices=ENGINES, default="inprocess", help="in-process (default, fast) or Flower's Ray engine")
+    sim.set_defaults(handler=simulate)
+
+    lister = subparsers.add_parser("list", help="list experiments, strategies, models, datasets and run-config keys")
+    lister.set_defaults(handler=list_components)
+
+    rep = subparsers.add_parser("report", help="compare finished runs: a table and a plot")
+    rep.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    rep.add_argument("--out", help="plot file (default: report.png in the working directory)")
+    rep.set_defaults(handler=report)
+
+    try:
+        from corolla.deploy_cli import add_deploy_commands
+    except ImportError as error:  # The deployment layer is optional for simulation-only use.
+        logger.debug("Deployment commands unavailable: %s", error)
+    else:
+        add_deploy_commands(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``corolla`` command and return its exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        return int(args.handler(args))
+    except (ConfigError, ValueError, FileNotFoundError) as error:
+        print(f"corolla {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"corolla {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # Any other failure ends the run with its reason and a non-zero code.
+        logger.debug("Unhandled error", exc_info=True)
+        print(f"corolla {args.command}: failed: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

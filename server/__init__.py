@@ -1,0 +1,1 @@
+"""Corolla's ServerApp, central evaluation, run directory and SuperLink launch helpers."""

@@ -1,0 +1,94 @@
+"""Corolla's ServerApp: builds the strategy from the run config and runs it.
+
+The same ``app`` object runs under the in-process engine, Flower's simulation
+engine (Ray) and a deployed SuperLink. Results go to the absolute directory in
+the run-config key ``out-dir`` because the ServerApp's working directory is
+wherever the SuperLink started.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from client.models import build_model
+from client.training import evaluate_model
+from server.results import RunRecorder, default_run_directory
+from simulations.datasets import Dataset, load_dataset
+from simulations.experiments import resolve_run_config
+from strategies import ValidatedStrategy, build_strategy
+
+logger = logging.getLogger(__name__)
+
+app = ServerApp()
+
+
+class CentralEvaluation:
+    """Evaluate the global model on the server's test set and close each round.
+
+    Flower's ``Strategy.start`` calls this after a round's training and federated
+    evaluation, so it is also where the round's events and checkpoint are written.
+    """
+
+    def __init__(self, run_config: dict[str, Any], dataset: Dataset, strategy: ValidatedStrategy, recorder: RunRecorder) -> None:
+        self.run_config = run_config
+        self.strategy = strategy
+        self.recorder = recorder
+        self.model = build_model(str(run_config["model"]), dataset.input_shape, dataset.num_classes)
+        self.test_x = torch.from_numpy(dataset.test_x.copy())
+        self.test_y = torch.from_numpy(dataset.test_y.copy())
+        # The global model after the latest round: Flower's Result keeps no model
+        # when every round's replies were rejected.
+        self.latest_state: dict[str, torch.Tensor] = {}
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        state = arrays.to_torch_state_dict()
+        self.latest_state = state
+        self.model.load_state_dict(state, strict=True)
+        loss, accuracy = evaluate_model(self.model, self.test_x, self.test_y, int(self.run_config["eval-batch-size"]))
+        central = {"loss": loss, "accuracy": accuracy}
+        self.recorder.record_round(server_round, central, self.strategy.reports.get(server_round))
+        if server_round > 0:
+            self.recorder.save_checkpoint(server_round, state, self.strategy.state_dict())
+        return MetricRecord(central)
+
+
+def run_server(grid: Grid, context: Context) -> dict[str, Any]:
+    """Run one experiment on ``grid`` and return its summary."""
+    run_config = resolve_run_config(None, dict(context.run_config))
+    out_dir = Path(str(run_config["out-dir"])) if run_config["out-dir"] else default_run_directory(str(run_config["experiment"]))
+    run_config["out-dir"] = str(out_dir.resolve())
+    recorder = RunRecorder(out_dir, run_config)
+    try:
+        seed = int(run_config["seed"])
+        random.seed(seed)
+        torch.manual_seed(seed)
+
+        dataset = load_dataset(str(run_config["dataset"]), str(run_config["data-dir"]) or None)
+        strategy = build_strategy(run_config)
+        evaluation = CentralEvaluation(run_config, dataset, strategy, recorder)
+        initial = build_model(str(run_config["model"]), dataset.input_shape, dataset.num_classes, seed=seed)
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(initial.state_dict()),
+            num_rounds=int(run_config["num-server-rounds"]),
+            train_config=ConfigRecord(),
+            evaluate_config=ConfigRecord(),
+            evaluate_fn=evaluation,
+        )
+        return recorder.finish(evaluation.latest_state)
+    except BaseException as error:
+        recorder.fail(f"{type(error).__name__}: {error}")
+        raise
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point Flower calls with the grid of connected nodes and the run context."""
+    run_server(grid, context)

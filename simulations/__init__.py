@@ -1,0 +1,1 @@
+"""Experiments, datasets, partitioners, simulation engines and run reports."""

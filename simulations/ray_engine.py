@@ -1,0 +1,611 @@
+"""Run a Corolla experiment on Flower's simulation engine (Ray) through ``flwr run``.
+
+``run_with_ray`` takes the same run configuration as the in-process engine and
+submits the repository's Flower App to a simulation SuperLink, so the run goes
+through Flower's own path: FAB build, ``StartRun``, ``flwr-simulation`` and Ray.
+
+Mechanism (Flower 1.42):
+
+1. A private ``FLWR_HOME`` in a temporary directory holds ``config.toml`` with
+   one connection, ``corolla-ray``, to ``127.0.0.1:PORT`` (insecure).
+2. This module starts ``flower-superlink --simulation --insecure
+   --disable-runtime-dependency-installation --host 127.0.0.1 --port PORT`` on
+   a free loopback port, in a new session, and waits for ``GET /health``.
+3. ``flwr run APP_DIR corolla-ray --run-config KEY=VALUE ... --federation-config
+   num-supernodes=N --federation-config client-resources-num-cpus=C --format json``
+   submits the run. The command is logged at INFO.
+4. ``flwr log RUN_ID corolla-ray --stream`` forwards the run's log to this
+   module's logger. The SuperLink ends that stream when the run finishes, and
+   ``flwr ls RUN_ID --format json`` then reads the final status, because
+   ``flwr run`` exits 0 even when the run fails. ``flwr ls`` also runs as a
+   periodic liveness check while the stream is open.
+5. In every case the SuperLink's process group is stopped, and then every
+   process whose environment carries this call's ``COROLLA_RAY_ENGINE_ID``:
+   ``flower-superexec`` (which Flower starts in its own session),
+   ``flwr-simulation`` and the Ray processes (GCS, raylet, actors).
+
+Why not Flower's managed local SuperLink (``address = ":local:"``): it can be
+moved to other ports (``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT``), but ``flwr``
+starts it detached and never reports its process id, so nothing can stop it
+reliably. It also treats any server that answers ``/health`` on its port as
+"already started", so a concurrent run could silently reuse another user's
+SuperLink. Owning the ``flower-superlink`` process avoids both problems and
+lets a failed start be reported with the SuperLink's own log.
+
+The SuperLink runs in the caller's working directory, which is also the
+ServerApp's working directory, so a relative run directory lands where the
+in-process engine would put it.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+CONNECTION_NAME = "corolla-ray"
+ENGINE_ID_ENV = "COROLLA_RAY_ENGINE_ID"
+LOG_TAIL_LINES = 40
+
+SUPERLINK_START_TIMEOUT = 60.0
+SUPERLINK_START_ATTEMPTS = 3
+CLI_TIMEOUT = 120.0
+STATUS_CHECK_INTERVAL = 15.0
+FINAL_STATUS_INTERVAL = 1.0
+PROCESS_EXIT_GRACE = 5.0
+
+# Environment variables that would make Flower bind extra gRPC servers on
+# non-loopback default addresses, or make Ray join a cluster that this module
+# neither starts nor stops.
+_STRIPPED_ENV_VARS = (
+    "FLWR_INTERNAL_GRPC_CONTROL_API",
+    "FLWR_INTERNAL_GRPC_FLEET_API",
+    "RAY_ADDRESS",
+)
+# Unix socket paths are limited to 107 bytes, and Ray puts its sockets about
+# 70 characters below its temporary directory.
+_MAX_RAY_TMPDIR_LENGTH = 36
+
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_TOML_KEY = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+_TOML_STRING_ESCAPES = {"\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+class RayEngineError(RuntimeError):
+    """Raised when a run on Flower's simulation engine fails, times out or cannot start."""
+
+
+def run_with_ray(
+    run_config: dict[str, Any],
+    app_dir: Path,
+    *,
+    num_cpus_per_client: float = 1.0,
+    timeout: float = 3600,
+) -> None:
+    """Run the Flower App in ``app_dir`` with ``run_config`` on Flower's Ray engine.
+
+    One simulated SuperNode runs per client (``run_config["num-clients"]``),
+    and each ClientApp actor reserves ``num_cpus_per_client`` Ray CPUs.
+    ``timeout`` (seconds) covers the SuperLink start and the whole run.
+    Results are whatever the ServerApp writes, normally into ``out-dir``.
+
+    Raises ``RayEngineError`` when the run fails, times out or Flower cannot
+    start it, and ``ValueError`` or ``TypeError`` for invalid arguments.
+    """
+    app_dir = Path(app_dir).resolve()
+    if not (app_dir / "pyproject.toml").is_file():
+        raise ValueError(f"Invalid app_dir {str(app_dir)!r}: it has no pyproject.toml, so it is not a Flower App.")
+    if timeout <= 0:
+        raise ValueError(f"Invalid timeout = {timeout!r}: it must be positive (seconds).")
+    num_supernodes = _num_supernodes(run_config)
+    run_config_args = format_run_config(run_config)
+    federation_config_args = format_federation_config(num_supernodes, num_cpus_per_client, available_cpus())
+
+    deadline = time.monotonic() + timeout
+    with _SimulationSuperLink() as superlink:
+        started = time.monotonic()
+        superlink.start(deadline)
+        superlink_seconds = time.monotonic() - started
+
+        started = time.monotonic()
+        run_id = superlink.submit_run(app_dir, run_config_args, federation_config_args, deadline)
+        submit_seconds = time.monotonic() - started
+
+        started = time.monotonic()
+        status, details = superlink.wait_for_run(run_id, deadline, timeout)
+        run_seconds = time.monotonic() - started
+
+        log.info(
+            "Run %s finished with status %s: SuperLink start %.1f s, submission %.1f s, run %.1f s.",
+            run_id,
+            status,
+            superlink_seconds,
+            submit_seconds,
+            run_seconds,
+        )
+        if status != "finished:completed":
+            raise RayEngineError(
+                f"Flower run {run_id} ended with status {status!r}: {details or 'no details'}.\n"
+                f"Last lines of the run log:\n{superlink.log_tail()}"
+            )
+
+
+def format_toml_value(value: Any) -> str:
+    """Format a run-config value as a TOML scalar that Flower's ``--run-config`` parser reads back unchanged.
+
+    Strings become basic strings in which ``"`` is written as ``\\u0022``,
+    because Flower splits ``--run-config`` arguments with a regular expression
+    that ends a double-quoted value at the first ``"``, escaped or not.
+    Floats keep their float type (``0.1``, ``1.0``, ``1e-05``, ``inf``).
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + "".join(_escape_toml_character(character) for character in value) + '"'
+    raise TypeError(
+        f"Invalid run-config value {value!r} ({type(value).__name__}): "
+        "Flower run configs hold only bool, int, float and str values."
+    )
+
+
+def format_run_config(run_config: dict[str, Any]) -> list[str]:
+    """Format every run-config entry as one ``key=value`` argument for ``flwr run --run-config``."""
+    arguments = []
+    for key, value in run_config.items():
+        if not isinstance(key, str) or not _TOML_KEY.fullmatch(key):
+            raise ValueError(
+                f"Invalid run-config key {key!r}: use letters, digits, '-' and '_', for example num-server-rounds."
+            )
+        try:
+            arguments.append(f"{key}={format_toml_value(value)}")
+        except TypeError as error:
+            raise TypeError(f"Invalid value for run-config key {key!r}: {error}") from None
+    return arguments
+
+
+def format_federation_config(num_supernodes: int, num_cpus_per_client: float, cpu_count: int) -> list[str]:
+    """Return the ``flwr run --federation-config`` arguments for the simulation size and Ray resources.
+
+    Flower 1.42 stores ``client-resources-num-cpus`` as an unsigned integer,
+    so a fractional ``num_cpus_per_client`` is expressed by scaling Ray's
+    logical CPU count instead: each actor reserves 1 CPU out of
+    ``floor(cpu_count / num_cpus_per_client)``. Ray CPUs are scheduling units,
+    so the number of concurrent actors is the same as with fractional CPUs.
+    """
+    if isinstance(num_cpus_per_client, bool) or not isinstance(num_cpus_per_client, (int, float)):
+        raise TypeError(f"Invalid num_cpus_per_client = {num_cpus_per_client!r}: expected a number of CPUs.")
+    if not num_cpus_per_client > 0 or math.isinf(num_cpus_per_client):
+        raise ValueError(f"Invalid num_cpus_per_client = {num_cpus_per_client!r}: it must be a positive, finite number.")
+    if num_cpus_per_client > cpu_count:
+        raise ValueError(
+            f"num_cpus_per_client = {num_cpus_per_client!r} exceeds the {cpu_count} CPUs available to this "
+            f"process, so Ray could not start a single ClientApp actor; use at most {cpu_count}."
+        )
+
+    arguments = [f"num-supernodes={num_supernodes}"]
+    if float(num_cpus_per_client).is_integer():
+        arguments.append(f"client-resources-num-cpus={int(num_cpus_per_client)}")
+    else:
+        num_actors = math.floor(cpu_count / num_cpus_per_client)
+        arguments.append("client-resources-num-cpus=1")
+        arguments.append(f"init-args-num-cpus={num_actors}")
+    return arguments
+
+
+def available_cpus() -> int:
+    """Return the number of CPUs this process may run on (its affinity mask where the OS has one)."""
+    # NOTE: a CPU quota set through cgroups is not counted; Ray reads it, so on
+    # such a container Ray may see fewer CPUs than this function returns.
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _num_supernodes(run_config: dict[str, Any]) -> int:
+    if "num-clients" not in run_config:
+        raise ValueError("The run config has no 'num-clients' key; it sets the number of simulated SuperNodes.")
+    num_clients = run_config["num-clients"]
+    if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
+        raise ValueError(f"Invalid num-clients = {num_clients!r}: it must be an integer of at least 1.")
+    return num_clients
+
+
+def _escape_toml_character(character: str) -> str:
+    if character in _TOML_STRING_ESCAPES:
+        return _TOML_STRING_ESCAPES[character]
+    if character == '"' or ord(character) < 0x20 or ord(character) == 0x7F:
+        return f"\\u{ord(character):04x}"
+    return character
+
+
+def _strip_ansi(text: str) -> str:
+    return _ANSI_ESCAPE.sub("", text)
+
+
+def _free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _flower_executable(name: str) -> str:
+    """Find a Flower console script next to this interpreter first, so an unactivated venv works."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.is_file():
+        return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        raise RayEngineError(f"Flower's `{name}` command was not found; install flwr[simulation] in this environment.")
+    return found
+
+
+class _SimulationSuperLink:
+    """A private simulation SuperLink, its ``FLWR_HOME`` and the ``flwr`` commands that talk to it."""
+
+    def __init__(self) -> None:
+        self.engine_id = _new_engine_id()
+        self.work_dir = Path(tempfile.mkdtemp(prefix="corolla-ray-"))
+        self.flwr_home = self.work_dir / "flwr-home"
+        self.flwr_home.mkdir()
+        self.superlink_log = self.work_dir / "superlink.log"
+        self.env = self._build_env()
+        self.address: str | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_stream: subprocess.Popen[str] | None = None
+        self.log_reader: threading.Thread | None = None
+        self.log_lines: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+
+    def __enter__(self) -> _SimulationSuperLink:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _build_env(self) -> dict[str, str]:
+        env = {key: value for key, value in os.environ.items() if key not in _STRIPPED_ENV_VARS}
+        env["FLWR_HOME"] = str(self.flwr_home)
+        env["FLWR_TELEMETRY_ENABLED"] = "0"
+        env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+        env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+        env[ENGINE_ID_ENV] = self.engine_id
+        # The SuperLink starts `flower-superexec` and `flwr-simulation` by name.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        if len(str(self.work_dir)) <= _MAX_RAY_TMPDIR_LENGTH:
+            env["RAY_TMPDIR"] = str(self.work_dir)
+        return env
+
+    def start(self, deadline: float) -> None:
+        """Start the SuperLink on a free loopback port and wait until ``/health`` answers."""
+        for attempt in range(1, SUPERLINK_START_ATTEMPTS + 1):
+            port = _free_loopback_port()
+            self._write_connection(port)
+            command = [
+                _flower_executable("flower-superlink"),
+                "--simulation",
+                "--insecure",
+                "--disable-runtime-dependency-installation",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ]
+            log.info("Starting the simulation SuperLink: %s", subprocess.list2cmdline(command))
+            with self.superlink_log.open("ab") as log_file:
+                self.process = subprocess.Popen(
+                    command,
+                    env=self.env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            if self._wait_until_healthy(port, deadline):
+                self.address = f"127.0.0.1:{port}"
+                log.info("SuperLink %s is ready (process %d).", self.address, self.process.pid)
+                return
+
+            superlink_output = self._superlink_log_tail()
+            if "address already in use" in superlink_output.lower() and attempt < SUPERLINK_START_ATTEMPTS:
+                log.warning("Port %d was taken before the SuperLink could bind it; retrying on another port.", port)
+                continue
+            self._stop_superlink()
+            raise RayEngineError(
+                f"The simulation SuperLink on 127.0.0.1:{port} did not start "
+                f"(exit code {self.process.poll()}).\nLast lines of its output:\n{superlink_output}"
+            )
+        raise AssertionError("unreachable: the last start attempt returns or raises")
+
+    def _write_connection(self, port: int) -> None:
+        (self.flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION_NAME}"\n\n'
+            f'[superlink.{CONNECTION_NAME}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n',
+            encoding="utf-8",
+        )
+
+    def _wait_until_healthy(self, port: int, deadline: float) -> bool:
+        """Return True once the SuperLink answers, False if it exits; raise on timeout."""
+        assert self.process is not None
+        start_deadline = min(deadline, time.monotonic() + SUPERLINK_START_TIMEOUT)
+        while time.monotonic() < start_deadline:
+            if self.process.poll() is not None:
+                return False
+            try:
+                response = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0)
+                # Check the process again, because another server could answer on this port.
+                if response.is_success and self.process.poll() is None:
+                    return True
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RayEngineError(
+            f"The simulation SuperLink on 127.0.0.1:{port} did not answer within "
+            f"{SUPERLINK_START_TIMEOUT:.0f} s.\nLast lines of its output:\n{self._superlink_log_tail()}"
+        )
+
+    def submit_run(
+        self,
+        app_dir: Path,
+        run_config_args: list[str],
+        federation_config_args: list[str],
+        deadline: float,
+    ) -> str:
+        """Submit the app with ``flwr run`` and return the run ID."""
+        command = [_flower_executable("flwr"), "run", str(app_dir), CONNECTION_NAME]
+        for argument in run_config_args:
+            command += ["--run-config", argument]
+        for argument in federation_config_args:
+            command += ["--federation-config", argument]
+        command += ["--format", "json"]
+        log.info("Submitting the run: %s", subprocess.list2cmdline(command))
+
+        result = self._run_flwr(command, deadline)
+        reply = _parse_json_reply(result)
+        if not reply.get("success") or not reply.get("run-id"):
+            reason = reply.get("error-message") or result.stderr.strip() or result.stdout.strip()
+            raise RayEngineError(f"`flwr run` did not start a run: {_strip_ansi(str(reason)).strip()}")
+        run_id = str(reply["run-id"])
+        log.info("Flower started run %s.", run_id)
+        return run_id
+
+    def wait_for_run(self, run_id: str, deadline: float, timeout: float) -> tuple[str, str]:
+        """Stream the run's log until the run finishes and return its ``(status, status details)``."""
+        self._start_log_stream(run_id)
+        assert self.log_stream is not None and self.process is not None
+
+        next_status_check = time.monotonic() + STATUS_CHECK_INTERVAL
+        while self.log_stream.poll() is None:
+            if time.monotonic() >= deadline:
+                raise RayEngineError(
+                    f"Flower run {run_id} timed out after {timeout:g} s.\n"
+                    f"Last lines of the run log:\n{self.log_tail()}"
+                )
+            if self.process.poll() is not None:
+                raise RayEngineError(
+                    f"The simulation SuperLink exited with code {self.process.poll()} during run {run_id}.\n"
+                    f"Last lines of its output:\n{self._superlink_log_tail()}"
+                )
+            if time.monotonic() >= next_status_check:
+                status, details = self._run_status(run_id, deadline)
+                log.debug("Run %s status: %s", run_id, status)
+                if status.startswith("finished"):
+                    return status, details
+                next_status_check = time.monotonic() + STATUS_CHECK_INTERVAL
+            time.sleep(0.2)
+        self._join_log_reader()
+
+        # The SuperLink closes the log stream when the run finishes, but a
+        # stream that broke off early leaves the run still going.
+        while True:
+            status, details = self._run_status(run_id, deadline)
+            if status.startswith("finished"):
+                return status, details
+            if time.monotonic() >= deadline:
+                raise RayEngineError(
+                    f"Flower run {run_id} timed out after {timeout:g} s (status {status!r}).\n"
+                    f"Last lines of the run log:\n{self.log_tail()}"
+                )
+            time.sleep(FINAL_STATUS_INTERVAL)
+
+    def log_tail(self) -> str:
+        """Return the last lines of the run log received so far."""
+        return "\n".join(self.log_lines) or "(no log lines received)"
+
+    def _start_log_stream(self, run_id: str) -> None:
+        command = [_flower_executable("flwr"), "log", run_id, CONNECTION_NAME, "--stream"]
+        log.info("Streaming the run log: %s", subprocess.list2cmdline(command))
+        self.log_stream = subprocess.Popen(
+            command,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+        )
+        self.log_reader = threading.Thread(target=self._forward_log, args=(run_id,), daemon=True)
+        self.log_reader.start()
+
+    def _forward_log(self, run_id: str) -> None:
+        assert self.log_stream is not None and self.log_stream.stdout is not None
+        for raw_line in self.log_stream.stdout:
+            line = _strip_ansi(raw_line).rstrip()
+            if not line:
+                continue
+            self.log_lines.append(line)
+            log.info("[run %s] %s", run_id, line)
+
+    def _join_log_reader(self) -> None:
+        if self.log_reader is not None:
+            self.log_reader.join(timeout=PROCESS_EXIT_GRACE)
+
+    def _run_status(self, run_id: str, deadline: float) -> tuple[str, str]:
+        command = [_flower_executable("flwr"), "ls", CONNECTION_NAME, "--run-id", run_id, "--format", "json"]
+        reply = _parse_json_reply(self._run_flwr(command, deadline))
+        runs = reply.get("runs") or []
+        if not reply.get("success") or not runs:
+            reason = reply.get("error-message") or "no run in the reply"
+            raise RayEngineError(f"`flwr ls` could not read the status of run {run_id}: {_strip_ansi(str(reason)).strip()}")
+        details = runs[0].get("status-details", "")
+        return str(runs[0].get("status", "unknown")), "" if details == "N/A" else str(details)
+
+    def _run_flwr(self, command: list[str], deadline: float) -> subprocess.CompletedProcess[str]:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise RayEngineError(f"Timed out before `{subprocess.list2cmdline(command[1:3])}` could run.")
+        try:
+            return subprocess.run(
+                command,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                errors="replace",
+                timeout=min(remaining, CLI_TIMEOUT),
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise RayEngineError(f"`{subprocess.list2cmdline(command)}` timed out.") from None
+
+    def _superlink_log_tail(self) -> str:
+        try:
+            text = self.superlink_log.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return "(no SuperLink output)"
+        lines = [_strip_ansi(line).rstrip() for line in text.splitlines() if line.strip()]
+        return "\n".join(lines[-LOG_TAIL_LINES:]) or "(no SuperLink output)"
+
+    def stop(self) -> None:
+        """Stop the log stream, the SuperLink and every process this run started, then delete the work directory."""
+        if self.log_stream is not None and self.log_stream.poll() is None:
+            self.log_stream.terminate()
+            try:
+                self.log_stream.wait(timeout=PROCESS_EXIT_GRACE)
+            except subprocess.TimeoutExpired:
+                self.log_stream.kill()
+                self.log_stream.wait()
+        self._join_log_reader()
+
+        self._stop_superlink()
+        _stop_marked_processes(self.engine_id)
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    def _stop_superlink(self) -> None:
+        if self.process is None:
+            return
+        _signal_group(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=PROCESS_EXIT_GRACE)
+        except subprocess.TimeoutExpired:
+            log.warning("SuperLink process %d ignored SIGTERM; sending SIGKILL.", self.process.pid)
+            _signal_group(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        # Children such as the SuperLink's own workers can outlive the leader.
+        _signal_group(self.process.pid, signal.SIGKILL)
+        log.info("Stopped SuperLink process %d.", self.process.pid)
+        self.process = None
+
+
+def _new_engine_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _parse_json_reply(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    """Parse the JSON object that a ``flwr ... --format json`` command prints."""
+    stdout = _strip_ansi(result.stdout)
+    start = stdout.find("{")
+    if start >= 0:
+        try:
+            reply = json.loads(stdout[start:])
+        except json.JSONDecodeError:
+            reply = None
+        if isinstance(reply, dict):
+            return reply
+    output = "\n".join(part.strip() for part in (stdout, _strip_ansi(result.stderr)) if part.strip())
+    raise RayEngineError(f"`flwr` exited with code {result.returncode} and printed no JSON reply:\n{output}")
+
+
+def _signal_group(process_group: int, signal_number: int) -> None:
+    try:
+        os.killpg(process_group, signal_number)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _marked_processes(engine_id: str) -> list[int]:
+    """Return the ids of live processes whose initial environment contains ``ENGINE_ID_ENV=engine_id``."""
+    marker = f"{ENGINE_ID_ENV}={engine_id}".encode()
+    own_pid = os.getpid()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == own_pid:
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:  # gone, a zombie, or another user's process
+            continue
+        if marker in environ.split(b"\0"):
+            pids.append(int(entry.name))
+    return pids
+
+
+def _stop_marked_processes(engine_id: str) -> None:
+    """Stop ``flower-superexec``, ``flwr-simulation`` and Ray processes started for this run.
+
+    They leave the SuperLink's process group (Flower starts ``flower-superexec``
+    in a new session), so they are found by the engine id in their environment.
+    """
+    if not Path("/proc").is_dir():
+        # TODO: find these processes without /proc (macOS); until then only the
+        # SuperLink's process group is stopped and Flower's parent-process
+        # monitors end the rest.
+        return
+
+    # flower-superexec and flwr-simulation exit on their own within a second of
+    # losing their parent, and flwr-simulation then shuts Ray down.
+    grace_deadline = time.monotonic() + PROCESS_EXIT_GRACE
+    while _marked_processes(engine_id) and time.monotonic() < grace_deadline:
+        time.sleep(0.2)
+
+    for signal_number in (signal.SIGTERM, signal.SIGKILL):
+        survivors = _marked_processes(engine_id)
+        if not survivors:
+            return
+        log.info("Sending %s to %d leftover Flower/Ray processes: %s", signal_number.name, len(survivors), survivors)
+        for pid in survivors:
+            try:
+                os.kill(pid, signal_number)
+            except (ProcessLookupError, PermissionError):
+                pass
+        kill_deadline = time.monotonic() + PROCESS_EXIT_GRACE
+        while _marked_processes(engine_id) and time.monotonic() < kill_deadline:
+            time.sleep(0.2)
+
+    survivors = _marked_processes(engine_id)
+    if survivors:
+        log.warning("Processes %s of this Ray run are still alive after SIGKILL.", survivors)
