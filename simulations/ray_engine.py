@@ -6,7 +6,7 @@ through Flower's own path: FAB build, ``StartRun``, ``flwr-simulation`` and Ray.
 
 Mechanism (Flower 1.42):
 
-1. A private ``FLWR_HOME`` in a temporary directory holds ``config.toml`` with
+1. A private ``FLWR_HOME`` in a temporary directory contains ``config.toml`` with
    one connection, ``corolla-ray``, to ``127.0.0.1:PORT`` (insecure).
 2. This module starts ``flower-superlink --simulation --insecure
    --disable-runtime-dependency-installation --host 127.0.0.1 --port PORT`` on
@@ -27,7 +27,7 @@ Mechanism (Flower 1.42):
 Why not Flower's managed local SuperLink (``address = ":local:"``): it can be
 moved to other ports (``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT``), but ``flwr``
 starts it detached and never reports its process id, so nothing can stop it
-reliably. It also treats any server that answers ``/health`` on its port as
+reliably. It also treats any server that responds to ``/health`` on its port as
 "already started", so a concurrent run could silently reuse another user's
 SuperLink. Owning the ``flower-superlink`` process avoids both problems and
 lets a failed start be reported with the SuperLink's own log.
@@ -205,7 +205,7 @@ def format_federation_config(num_supernodes: int, num_cpus_per_client: float, cp
     if num_cpus_per_client > cpu_count:
         raise ValueError(
             f"num_cpus_per_client = {num_cpus_per_client!r} exceeds the {cpu_count} CPUs available to this "
-            f"process, so Ray could not start a single ClientApp actor; use at most {cpu_count}."
+            f"process, so Ray could not start a single ClientApp actor. Use at most {cpu_count}."
         )
 
     arguments = [f"num-supernodes={num_supernodes}"]
@@ -220,8 +220,8 @@ def format_federation_config(num_supernodes: int, num_cpus_per_client: float, cp
 
 def available_cpus() -> int:
     """Return the number of CPUs this process may run on (its affinity mask where the OS has one)."""
-    # NOTE: a CPU quota set through cgroups is not counted; Ray reads it, so on
-    # such a container Ray may see fewer CPUs than this function returns.
+    # NOTE: a CPU quota set through cgroups is not counted. Ray reads that quota,
+    # so in such a container Ray may see fewer CPUs than this function returns.
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
@@ -229,7 +229,7 @@ def available_cpus() -> int:
 
 def _num_supernodes(run_config: dict[str, Any]) -> int:
     if "num-clients" not in run_config:
-        raise ValueError("The run config has no 'num-clients' key; it sets the number of simulated SuperNodes.")
+        raise ValueError("The run config is missing 'num-clients', which sets the number of simulated SuperNodes.")
     num_clients = run_config["num-clients"]
     if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
         raise ValueError(f"Invalid num-clients = {num_clients!r}: it must be an integer of at least 1.")
@@ -261,7 +261,7 @@ def _flower_executable(name: str) -> str:
         return str(candidate)
     found = shutil.which(name)
     if found is None:
-        raise RayEngineError(f"Flower's `{name}` command was not found; install flwr[simulation] in this environment.")
+        raise RayEngineError(f"Flower's `{name}` command was not found. Install flwr[simulation] in this environment.")
     return found
 
 
@@ -301,8 +301,9 @@ class _SimulationSuperLink:
         return env
 
     def start(self, deadline: float) -> None:
-        """Start the SuperLink on a free loopback port and wait until ``/health`` answers."""
-        for attempt in range(1, SUPERLINK_START_ATTEMPTS + 1):
+        """Start the SuperLink on a free loopback port and wait until ``/health`` responds."""
+        attempt = 1
+        while True:
             port = _free_loopback_port()
             self._write_connection(port)
             command = [
@@ -330,16 +331,17 @@ class _SimulationSuperLink:
                 log.info("SuperLink %s is ready (process %d).", self.address, self.process.pid)
                 return
 
+            exit_code = self.process.poll()
             superlink_output = self._superlink_log_tail()
-            if "address already in use" in superlink_output.lower() and attempt < SUPERLINK_START_ATTEMPTS:
-                log.warning("Port %d was taken before the SuperLink could bind it; retrying on another port.", port)
-                continue
             self._stop_superlink()
+            if "address already in use" in superlink_output.lower() and attempt < SUPERLINK_START_ATTEMPTS:
+                log.warning("Port %d was taken before the SuperLink could bind it. Retrying on another port.", port)
+                attempt += 1
+                continue
             raise RayEngineError(
-                f"The simulation SuperLink on 127.0.0.1:{port} did not start "
-                f"(exit code {self.process.poll()}).\nLast lines of its output:\n{superlink_output}"
+                f"The simulation SuperLink on 127.0.0.1:{port} did not start (exit code {exit_code}).\n"
+                f"Last lines of its output:\n{superlink_output}"
             )
-        raise AssertionError("unreachable: the last start attempt returns or raises")
 
     def _write_connection(self, port: int) -> None:
         (self.flwr_home / "config.toml").write_text(
@@ -349,7 +351,7 @@ class _SimulationSuperLink:
         )
 
     def _wait_until_healthy(self, port: int, deadline: float) -> bool:
-        """Return True once the SuperLink answers, False if it exits; raise on timeout."""
+        """Return True once the SuperLink responds and False if it exits first. Raise on timeout."""
         assert self.process is not None
         start_deadline = min(deadline, time.monotonic() + SUPERLINK_START_TIMEOUT)
         while time.monotonic() < start_deadline:
@@ -357,14 +359,14 @@ class _SimulationSuperLink:
                 return False
             try:
                 response = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0)
-                # Check the process again, because another server could answer on this port.
+                # Check the process again, because another server could respond on this port.
                 if response.is_success and self.process.poll() is None:
                     return True
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
         raise RayEngineError(
-            f"The simulation SuperLink on 127.0.0.1:{port} did not answer within "
+            f"The simulation SuperLink on 127.0.0.1:{port} did not respond within "
             f"{SUPERLINK_START_TIMEOUT:.0f} s.\nLast lines of its output:\n{self._superlink_log_tail()}"
         )
 
@@ -522,10 +524,10 @@ class _SimulationSuperLink:
         try:
             self.process.wait(timeout=PROCESS_EXIT_GRACE)
         except subprocess.TimeoutExpired:
-            log.warning("SuperLink process %d ignored SIGTERM; sending SIGKILL.", self.process.pid)
+            log.warning("SuperLink process %d ignored SIGTERM, so it gets SIGKILL.", self.process.pid)
             _signal_group(self.process.pid, signal.SIGKILL)
             self.process.wait()
-        # Children such as the SuperLink's own workers can outlive the leader.
+        # Kill any child that stayed in the SuperLink's process group after the leader exited.
         _signal_group(self.process.pid, signal.SIGKILL)
         log.info("Stopped SuperLink process %d.", self.process.pid)
         self.process = None
@@ -581,13 +583,14 @@ def _stop_marked_processes(engine_id: str) -> None:
     in a new session), so they are found by the engine id in their environment.
     """
     if not Path("/proc").is_dir():
-        # TODO: find these processes without /proc (macOS); until then only the
-        # SuperLink's process group is stopped and Flower's parent-process
-        # monitors end the rest.
+        # TODO: find these processes without /proc (macOS). Until then only the
+        # SuperLink's process group is stopped, and the rest is left to Flower's
+        # parent-process monitors.
         return
 
-    # flower-superexec and flwr-simulation exit on their own within a second of
-    # losing their parent, and flwr-simulation then shuts Ray down.
+    # flower-superexec exits within a second of losing the SuperLink, because it
+    # polls its parent every 0.2 s. Give it and flwr-simulation a moment to shut
+    # Ray down before signalling them.
     grace_deadline = time.monotonic() + PROCESS_EXIT_GRACE
     while _marked_processes(engine_id) and time.monotonic() < grace_deadline:
         time.sleep(0.2)

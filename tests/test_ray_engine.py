@@ -1,0 +1,195 @@
+"""Tests for the Ray engine: run-config formatting for ``flwr run`` and full runs on Flower's simulation engine."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from flwr.common.config import parse_config_args
+
+from simulations import ray_engine
+from simulations.experiments import resolve_run_config
+from simulations.ray_engine import (
+    RayEngineError,
+    format_federation_config,
+    format_run_config,
+    format_toml_value,
+    run_with_ray,
+)
+
+APP_DIR = Path(__file__).resolve().parents[1]
+
+
+def parse_with_flower(arguments: list[str]) -> dict:
+    """Parse ``--run-config`` arguments with Flower's own parser, as ``flwr run`` does."""
+    return parse_config_args(arguments)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        True,
+        False,
+        0,
+        -3,
+        10**12,
+        0.1,
+        1.0,
+        -2.5,
+        1e-05,
+        1e20,
+        "",
+        "mnist",
+        "two words",
+        'say "hi"',
+        "it's",
+        "both ' and \"",
+        "back\\slash",
+        "a=b c=d",
+        "line\nbreak\ttab",
+        "ünïcödé",
+        "/tmp/run dir/out",
+    ],
+)
+def test_run_config_value_round_trips_through_flower(value):
+    parsed = parse_with_flower(format_run_config({"key": value}))
+
+    assert parsed == {"key": value}
+    assert type(parsed["key"]) is type(value)
+
+
+def test_run_config_floats_keep_float_type():
+    arguments = format_run_config({"lr": 0.1, "alpha": 1.0, "momentum": 0.0})
+
+    assert arguments == ["lr=0.1", "alpha=1.0", "momentum=0.0"]
+    assert all(isinstance(value, float) for value in parse_with_flower(arguments).values())
+
+
+def test_run_config_non_finite_floats_round_trip():
+    parsed = parse_with_flower(format_run_config({"low": float("-inf"), "high": float("inf"), "missing": float("nan")}))
+
+    assert parsed["low"] == float("-inf")
+    assert parsed["high"] == float("inf")
+    assert math.isnan(parsed["missing"])
+
+
+def test_run_config_strings_are_quoted():
+    assert format_toml_value("mnist") == '"mnist"'
+    assert format_toml_value("two words") == '"two words"'
+    assert format_toml_value('say "hi"') == '"say \\u0022hi\\u0022"'
+
+
+def test_run_config_booleans_are_toml_booleans():
+    assert format_toml_value(True) == "true"
+    assert format_toml_value(False) == "false"
+
+
+def test_run_config_resolved_experiment_round_trips(tmp_path):
+    run_config = resolve_run_config("digits-fedavg", {"out-dir": str(tmp_path / "a run dir")})
+
+    parsed = parse_with_flower(format_run_config(run_config))
+
+    assert parsed == run_config
+    for key, value in run_config.items():
+        assert type(parsed[key]) is type(value), key
+
+
+def test_run_config_one_argument_per_key():
+    arguments = format_run_config({"num-server-rounds": 3, "dataset": "digits", "lr": 0.1})
+
+    assert arguments == ["num-server-rounds=3", 'dataset="digits"', "lr=0.1"]
+
+
+@pytest.mark.parametrize("value", [None, [1, 2], {"a": 1}, b"bytes"])
+def test_run_config_rejects_non_scalar_values(value):
+    with pytest.raises(TypeError, match="'key'"):
+        format_run_config({"key": value})
+
+
+@pytest.mark.parametrize("key", ["", "has space", "quote\"", "a=b", "trailing."])
+def test_run_config_rejects_invalid_keys(key):
+    with pytest.raises(ValueError, match="Invalid run-config key"):
+        format_run_config({key: 1})
+
+
+def test_federation_config_integral_cpus():
+    assert format_federation_config(10, 1.0, cpu_count=2) == ["num-supernodes=10", "client-resources-num-cpus=1"]
+    assert format_federation_config(4, 2, cpu_count=8) == ["num-supernodes=4", "client-resources-num-cpus=2"]
+
+
+def test_federation_config_fractional_cpus_scale_ray_cpus():
+    arguments = format_federation_config(10, 0.5, cpu_count=2)
+
+    assert arguments == ["num-supernodes=10", "client-resources-num-cpus=1", "init-args-num-cpus=4"]
+
+
+def test_federation_config_fractional_cpus_round_down():
+    arguments = format_federation_config(10, 1.5, cpu_count=4)
+
+    assert arguments == ["num-supernodes=10", "client-resources-num-cpus=1", "init-args-num-cpus=2"]
+
+
+@pytest.mark.parametrize("cpus", [0, -1.0, float("nan"), float("inf")])
+def test_federation_config_rejects_invalid_cpus(cpus):
+    with pytest.raises(ValueError, match="num_cpus_per_client"):
+        format_federation_config(10, cpus, cpu_count=2)
+
+
+def test_federation_config_rejects_more_cpus_than_available():
+    with pytest.raises(ValueError, match="exceeds the 2 CPUs"):
+        format_federation_config(10, 3.0, cpu_count=2)
+
+
+def test_run_with_ray_rejects_missing_num_clients(tmp_path):
+    run_config = resolve_run_config("digits-fedavg", {"out-dir": str(tmp_path)})
+    del run_config["num-clients"]
+
+    with pytest.raises(ValueError, match="num-clients"):
+        run_with_ray(run_config, APP_DIR)
+
+
+def test_run_with_ray_rejects_directory_without_pyproject(tmp_path):
+    run_config = resolve_run_config("digits-fedavg", {"out-dir": str(tmp_path / "out")})
+
+    with pytest.raises(ValueError, match="pyproject.toml"):
+        run_with_ray(run_config, tmp_path)
+
+
+def marked_processes(engine_id: str) -> list[int]:
+    return ray_engine._marked_processes(engine_id)
+
+
+@pytest.mark.slow
+def test_digits_fedavg_runs_on_ray(tmp_path, monkeypatch):
+    engine_id = "test-digits-fedavg-runs-on-ray-" + tmp_path.name
+    monkeypatch.setattr(ray_engine, "_new_engine_id", lambda: engine_id)
+    out_dir = tmp_path / "run"
+    run_config = resolve_run_config("digits-fedavg", {"out-dir": str(out_dir)})
+
+    run_with_ray(run_config, APP_DIR, timeout=600)
+
+    summary = json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
+    assert summary["status"] == "completed"
+    assert summary["rounds"] == 3
+    assert math.isfinite(summary["final"]["accuracy"])
+    assert sorted(summary["clients"]) == sorted(str(partition) for partition in range(10))
+    assert marked_processes(engine_id) == []
+
+
+@pytest.mark.slow
+def test_failed_run_raises_ray_engine_error(tmp_path, monkeypatch):
+    engine_id = "test-failed-run-raises-" + tmp_path.name
+    monkeypatch.setattr(ray_engine, "_new_engine_id", lambda: engine_id)
+    out_dir = tmp_path / "run"
+    # Dataset names are checked only when the ServerApp loads the data.
+    run_config = resolve_run_config("digits-fedavg", {"out-dir": str(out_dir), "dataset": "no-such-dataset"})
+
+    with pytest.raises(RayEngineError) as raised:
+        run_with_ray(run_config, APP_DIR, timeout=600)
+
+    message = str(raised.value)
+    assert "finished:failed" in message
+    assert "no-such-dataset" in message
+    assert marked_processes(engine_id) == []

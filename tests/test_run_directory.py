@@ -1,0 +1,129 @@
+"""What a run leaves on disk, and how the command reports success and failure."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import torch
+
+from corolla.cli import main
+from server.results import read_events
+from simulations.inprocess import run_inprocess
+
+
+def test_run_directory_has_every_artifact(digits_config):
+    config = digits_config(**{"num-server-rounds": 2})
+    run_inprocess(config)
+    run_dir = Path(config["out-dir"])
+
+    for name in ("config.toml", "events.jsonl", "summary.json", "final_model.pt", "checkpoint.pt", "metrics.png", "client_accuracy.png"):
+        assert (run_dir / name).is_file(), name
+
+
+def test_config_toml_is_the_resolved_config(digits_config):
+    config = digits_config(**{"num-server-rounds": 2, "lr": 0.2})
+    run_inprocess(config)
+    written = tomllib.loads((Path(config["out-dir"]) / "config.toml").read_text())
+    assert written == config
+
+
+def test_summary_has_required_keys(digits_config):
+    config = digits_config(**{"num-server-rounds": 2, "num-clients": 4})
+    summary = run_inprocess(config)
+    on_disk = json.loads((Path(config["out-dir"]) / "summary.json").read_text())
+
+    assert on_disk == summary
+    assert summary["experiment"] == "digits-fedavg"
+    assert summary["strategy"] == "fedavg"
+    assert summary["rounds"] == 2
+    assert set(summary["final"]) == {"accuracy", "loss"}
+    assert sorted(summary["clients"]) == ["0", "1", "2", "3"]
+    assert 0.0 <= summary["clients"]["2"]["eval-accuracy"] <= 1.0
+
+
+def test_events_have_one_round_line_per_round_and_client_results(digits_config):
+    config = digits_config(**{"num-server-rounds": 2, "num-clients": 3})
+    run_inprocess(config)
+    events = read_events(Path(config["out-dir"]) / "events.jsonl")
+    kinds = [event.WhichOneof("event") for event in events]
+
+    assert kinds[0] == "run_started"
+    assert kinds[-1] == "run_finished"
+    assert [event.round for event in events if event.WhichOneof("event") == "round_metrics"] == [0, 1, 2]
+    assert kinds.count("client_result") == 2 * 3 * 2
+    assert events[-1].run_finished.status == "completed"
+
+
+def test_final_model_matches_last_central_evaluation(digits_config):
+    config = digits_config(**{"num-server-rounds": 2})
+    summary = run_inprocess(config)
+    state = torch.load(Path(config["out-dir"]) / "final_model.pt")
+    from client.models import build_model
+    from client.training import evaluate_model
+    from simulations.datasets import load_dataset
+
+    dataset = load_dataset("digits")
+    model = build_model("mlp", dataset.input_shape, dataset.num_classes)
+    model.load_state_dict(state)
+    loss, accuracy = evaluate_model(model, torch.from_numpy(dataset.test_x.copy()), torch.from_numpy(dataset.test_y.copy()))
+    assert accuracy == summary["final"]["accuracy"]
+    assert abs(loss - summary["final"]["loss"]) < 1e-9
+
+
+def test_simulate_command_succeeds_and_prints_progress(tmp_path, capsys):
+    out = tmp_path / "cli-run"
+    code = main(["simulate", "digits-fedavg", "--set", "num-server-rounds=2", "--out", str(out)])
+    printed = capsys.readouterr().out
+
+    assert code == 0
+    assert "round   2/2" in printed
+    assert "central test accuracy" in printed
+    assert (out / "summary.json").is_file()
+
+
+def test_failed_run_exits_nonzero_with_reason(tmp_path, capsys):
+    out = tmp_path / "failed-run"
+    code = main(["simulate", "digits-fedavg", "--set", "model=lenet5", "--out", str(out)])
+    error = capsys.readouterr().err
+
+    assert code != 0
+    assert "lenet5 needs inputs of at least 12x12" in error
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert "lenet5" in summary["reason"]
+
+
+def test_unknown_dataset_fails_before_training(tmp_path, capsys):
+    code = main(["simulate", "digits-fedavg", "--set", "dataset=cifar1000", "--out", str(tmp_path / "x")])
+    assert code != 0
+    assert "cifar1000" in capsys.readouterr().err
+
+
+def test_unknown_override_key_exits_with_usage_error(tmp_path, capsys):
+    code = main(["simulate", "digits-fedavg", "--set", "rounds=2", "--out", str(tmp_path / "x")])
+    assert code == 2
+    assert "Unknown run-config key 'rounds'" in capsys.readouterr().err
+
+
+def test_report_prints_table_and_writes_plot(digits_config, tmp_path, capsys):
+    first = digits_config("a", **{"num-server-rounds": 1})
+    second = digits_config("b", **{"num-server-rounds": 2, "strategy": "fedprox", "proximal-mu": 0.1})
+    run_inprocess(first)
+    run_inprocess(second)
+    plot = tmp_path / "compare.png"
+
+    code = main(["report", first["out-dir"], second["out-dir"], "--out", str(plot)])
+    printed = capsys.readouterr().out
+
+    assert code == 0
+    assert "fedprox" in printed
+    assert plot.stat().st_size > 0
+
+
+def test_list_names_presets_strategies_models_and_datasets(capsys):
+    assert main(["list"]) == 0
+    printed = capsys.readouterr().out
+    for name in ("mnist-fedavg", "digits-fedavg", "fedavg", "fedprox", "qfedavg", "mlp", "lenet5", "cnn", "mnist", "digits", "dirichlet"):
+        assert name in printed
