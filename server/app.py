@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from client.models import build_model
 from client.training import evaluate_model
+from server.extensions import RunExtension, build_extensions
 from server.results import RunRecorder, default_run_directory
 from simulations.datasets import Dataset, load_dataset
 from simulations.experiments import resolve_run_config
@@ -36,26 +37,40 @@ class CentralEvaluation:
     evaluation, so it is also where the round's events and checkpoint are written.
     """
 
-    def __init__(self, run_config: dict[str, Any], dataset: Dataset, strategy: ValidatedStrategy, recorder: RunRecorder) -> None:
+    def __init__(
+        self,
+        run_config: dict[str, Any],
+        dataset: Dataset,
+        strategy: ValidatedStrategy,
+        recorder: RunRecorder,
+        extensions: list[RunExtension],
+    ) -> None:
         self.run_config = run_config
         self.strategy = strategy
         self.recorder = recorder
+        self.extensions = extensions
         self.model = build_model(str(run_config["model"]), dataset.input_shape, dataset.num_classes)
         self.test_x = torch.from_numpy(dataset.test_x.copy())
         self.test_y = torch.from_numpy(dataset.test_y.copy())
         # The global model after the latest round: Flower's Result keeps no model
         # when every round's replies were rejected.
-        self.latest_state: dict[str, torch.Tensor] = {}
+        self.latest_arrays: ArrayRecord | None = None
+
+    def evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
+        """Return the central test loss and accuracy of the model in ``arrays``."""
+        self.model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+        loss, accuracy = evaluate_model(self.model, self.test_x, self.test_y, int(self.run_config["eval-batch-size"]))
+        return {"loss": loss, "accuracy": accuracy}
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        state = arrays.to_torch_state_dict()
-        self.latest_state = state
-        self.model.load_state_dict(state, strict=True)
-        loss, accuracy = evaluate_model(self.model, self.test_x, self.test_y, int(self.run_config["eval-batch-size"]))
-        central = {"loss": loss, "accuracy": accuracy}
-        self.recorder.record_round(server_round, central, self.strategy.reports.get(server_round))
+        self.latest_arrays = arrays
+        central = self.evaluate(arrays)
+        extension_values: dict[str, float] = {}
+        for extension in self.extensions:
+            extension_values.update(extension.round_metrics(server_round, arrays, self.strategy))
+        self.recorder.record_round(server_round, central, self.strategy.reports.get(server_round), extension_values)
         if server_round > 0:
-            self.recorder.save_checkpoint(server_round, state, self.strategy.state_dict())
+            self.recorder.save_checkpoint(server_round, arrays.to_torch_state_dict(), self.strategy.state_dict())
         return MetricRecord(central)
 
 
@@ -72,7 +87,8 @@ def run_server(grid: Grid, context: Context) -> dict[str, Any]:
 
         dataset = load_dataset(str(run_config["dataset"]), str(run_config["data-dir"]) or None)
         strategy = build_strategy(run_config)
-        evaluation = CentralEvaluation(run_config, dataset, strategy, recorder)
+        extensions = build_extensions(run_config, dataset)
+        evaluation = CentralEvaluation(run_config, dataset, strategy, recorder, extensions)
         initial = build_model(str(run_config["model"]), dataset.input_shape, dataset.num_classes, seed=seed)
         strategy.start(
             grid=grid,
@@ -82,7 +98,18 @@ def run_server(grid: Grid, context: Context) -> dict[str, Any]:
             evaluate_config=ConfigRecord(),
             evaluate_fn=evaluation,
         )
-        return recorder.finish(evaluation.latest_state)
+
+        last_arrays = evaluation.latest_arrays
+        output = strategy.output_arrays(last_arrays)
+        extra: dict[str, Any] = {}
+        if output is not last_arrays:
+            # The strategy delivers a converted model: it is the run's result,
+            # and the last iterate is reported beside it.
+            extra["final"] = evaluation.evaluate(output)
+            extra["last_iterate"] = recorder.rounds[-1]["central"]
+        for extension in extensions:
+            extra.update(extension.finish(output, last_arrays, strategy))
+        return recorder.finish(output.to_torch_state_dict(), extra)
     except BaseException as error:
         recorder.fail(f"{type(error).__name__}: {error}")
         raise

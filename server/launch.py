@@ -42,8 +42,8 @@ DEFAULT_SUPERLINK_PORT = 8000  # Flower 1.42's default for flower-superlink --po
 DEFAULT_CONNECTION = "corolla"
 CERTIFICATE_VALIDITY_DAYS = 365
 
-# Flower 1.42 accepts SuperNode keys on any NIST curve (flwr supernode register);
-# P-384 is the curve its node-authentication guide generates.
+# `flwr supernode register` in Flower 1.42 takes "a P-384 (or any other NIST EC
+# curve) public key file", as its help text puts it.
 NODE_KEY_CURVE = ec.SECP384R1
 
 _NODE_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -89,7 +89,13 @@ class RunRecorder:
         self._events.write(line + "\n")
         self._events.flush()
 
-    def record_round(self, server_round: int, central: dict[str, float], report: RoundReport | None) -> None:
+    def record_round(
+        self,
+        server_round: int,
+        central: dict[str, float],
+        report: RoundReport | None,
+        extension_values: dict[str, float] | None = None,
+    ) -> None:
         """Write the events of one round and log a one-line summary of it."""
         report = report or RoundReport(server_round)
         for record in report.client_results:
@@ -131,6 +137,9 @@ class RunRecorder:
             kept_previous_model=report.kept_previous_model,
             elapsed_seconds=elapsed,
             strategy=report.strategy_values,
+            bytes_sent=report.bytes_sent,
+            bytes_received=report.bytes_received,
+            extensions=extension_values or {},
         )
         self._write(events_pb2.RunEvent(round=server_round, round_metrics=metrics))
         self.rounds.append(
@@ -142,6 +151,10 @@ class RunRecorder:
                 "accepted": report.accepted_train_replies,
                 "rejected": len(report.rejections),
                 "kept_previous_model": report.kept_previous_model,
+                "bytes_sent": report.bytes_sent,
+                "bytes_received": report.bytes_received,
+                "strategy": dict(report.strategy_values),
+                "extensions": dict(extension_values or {}),
                 "elapsed_seconds": elapsed,
             }
         )
@@ -198,6 +211,10 @@ class RunRecorder:
             "rounds": len([entry for entry in self.rounds if entry["round"] > 0]),
             "final": final,
             "clients": {str(partition): values for partition, values in sorted(self.last_clients.items())},
+            "communication": {
+                "bytes_sent": sum(entry["bytes_sent"] for entry in self.rounds),
+                "bytes_received": sum(entry["bytes_received"] for entry in self.rounds),
+            },
             "history": self.rounds,
             "elapsed_seconds": time.time() - self.started,
             "run_dir": str(self.out_dir),

@@ -52,6 +52,7 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("eval-batch-size", 1000, "Batch size for evaluation."),
     ConfigKey("proximal-mu", 0.0, "FedProx proximal coefficient mu (strategy = fedprox)."),
     ConfigKey("q", 0.1, "q-FFL fairness exponent q (strategy = qfedavg)."),
+    ConfigKey("extensions", "", "Comma-separated run extensions (extra evaluations), such as fairness."),
     ConfigKey("client-threads", 0, "torch threads per client process; 0 keeps torch's default."),
     ConfigKey("out-dir", "", "Run directory (absolute); empty writes runs/<time>-<experiment> under the working directory."),
 )

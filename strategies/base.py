@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.common.serde import message_to_proto
 from flwr.serverapp import Grid
 
 from strategies.validation import NUM_EXAMPLES_KEY, Rejection, reply_partition_id, validate_replies
@@ -44,6 +45,13 @@ class RoundReport:
     accepted_train_replies: int = 0
     kept_previous_model: bool = False
     strategy_values: dict[str, float] = field(default_factory=dict)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+def message_size(message: Message) -> int:
+    """Return the size in bytes of ``message`` in Flower's protobuf wire format."""
+    return message_to_proto(message).ByteSize()
 
 
 @dataclass
@@ -97,6 +105,15 @@ class ValidatedStrategy:
         """Return values the strategy sends to every client with the model."""
         return {}
 
+    def output_arrays(self, last_arrays: ArrayRecord) -> ArrayRecord:
+        """Return the model the run delivers; the last global model unless a strategy converts its iterates."""
+        return last_arrays
+
+    def _count_sent(self, messages: Iterable[Message]) -> list[Message]:
+        messages = list(messages)
+        self.report(self._current_round).bytes_sent += sum(message_size(message) for message in messages)
+        return messages
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Keep the global model as the reference for validation, then sample nodes."""
         self._reference_arrays = arrays
@@ -104,11 +121,11 @@ class ValidatedStrategy:
         self.state.last_round = server_round
         for key, value in self.extra_train_config(server_round).items():
             config[key] = value
-        return super().configure_train(server_round, arrays, config, grid)
+        return self._count_sent(super().configure_train(server_round, arrays, config, grid))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._current_round = server_round
-        return super().configure_evaluate(server_round, arrays, config, grid)
+        return self._count_sent(super().configure_evaluate(server_round, arrays, config, grid))
 
     def _check_and_log_replies(
         self, replies: Iterable[Message], is_train: bool, validate: bool = True
@@ -121,6 +138,8 @@ class ValidatedStrategy:
         """
         phase = "train" if is_train else "evaluate"
         report = self.report(self._current_round)
+        replies = list(replies)
+        report.bytes_received += sum(message_size(message) for message in replies)
         accepted, rejections = validate_replies(
             replies,
             phase,

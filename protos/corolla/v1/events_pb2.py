@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63orolla/v1/events.proto\x12\ncorolla.v1\"\xa9\x01\n\nRunStarted\x12\x12\n\nexperiment\x18\x01 \x01(\t\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\x12\n\nnum_rounds\x18\x03 \x01(\r\x12\x32\n\x06\x63onfig\x18\x04 \x03(\x0b\x32\".corolla.v1.RunStarted.ConfigEntry\x1a-\n\x0b\x43onfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x98\x04\n\x0cRoundMetrics\x12\x32\n\x05train\x18\x01 \x03(\x0b\x32#.corolla.v1.RoundMetrics.TrainEntry\x12\x38\n\x08\x65valuate\x18\x02 \x03(\x0b\x32&.corolla.v1.RoundMetrics.EvaluateEntry\x12\x36\n\x07\x63\x65ntral\x18\x03 \x03(\x0b\x32%.corolla.v1.RoundMetrics.CentralEntry\x12\x18\n\x10\x61\x63\x63\x65pted_replies\x18\x04 \x01(\r\x12\x18\n\x10rejected_replies\x18\x05 \x01(\r\x12\x1b\n\x13kept_previous_model\x18\x06 \x01(\x08\x12\x17\n\x0f\x65lapsed_seconds\x18\x07 \x01(\x01\x12\x38\n\x08strategy\x18\x08 \x03(\x0b\x32&.corolla.v1.RoundMetrics.StrategyEntry\x1a,\n\nTrainEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a/\n\rEvaluateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a.\n\x0c\x43\x65ntralEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a/\n\rStrategyEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xc2\x01\n\x0c\x43lientResult\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\x04\x12\x14\n\x0cpartition_id\x18\x03 \x01(\x03\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x03\x12\x36\n\x07metrics\x18\x05 \x03(\x0b\x32%.corolla.v1.ClientResult.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"U\n\rRejectedReply\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\x04\x12\x14\n\x0cpartition_id\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t\"F\n\x0bRunFinished\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x17\n\x0f\x65lapsed_seconds\x18\x03 \x01(\x01\"\xb0\x02\n\x08RunEvent\x12\r\n\x05round\x18\x01 \x01(\r\x12\x11\n\ttimestamp\x18\x02 \x01(\x01\x12-\n\x0brun_started\x18\x03 \x01(\x0b\x32\x16.corolla.v1.RunStartedH\x00\x12\x31\n\rround_metrics\x18\x04 \x01(\x0b\x32\x18.corolla.v1.RoundMetricsH\x00\x12\x31\n\rclient_result\x18\x05 \x01(\x0b\x32\x18.corolla.v1.ClientResultH\x00\x12\x33\n\x0erejected_reply\x18\x06 \x01(\x0b\x32\x19.corolla.v1.RejectedReplyH\x00\x12/\n\x0crun_finished\x18\x07 \x01(\x0b\x32\x17.corolla.v1.RunFinishedH\x00\x42\x07\n\x05\x65ventb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63orolla/v1/events.proto\x12\ncorolla.v1\"\xa9\x01\n\nRunStarted\x12\x12\n\nexperiment\x18\x01 \x01(\t\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\x12\n\nnum_rounds\x18\x03 \x01(\r\x12\x32\n\x06\x63onfig\x18\x04 \x03(\x0b\x32\".corolla.v1.RunStarted.ConfigEntry\x1a-\n\x0b\x43onfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb5\x05\n\x0cRoundMetrics\x12\x32\n\x05train\x18\x01 \x03(\x0b\x32#.corolla.v1.RoundMetrics.TrainEntry\x12\x38\n\x08\x65valuate\x18\x02 \x03(\x0b\x32&.corolla.v1.RoundMetrics.EvaluateEntry\x12\x36\n\x07\x63\x65ntral\x18\x03 \x03(\x0b\x32%.corolla.v1.RoundMetrics.CentralEntry\x12\x18\n\x10\x61\x63\x63\x65pted_replies\x18\x04 \x01(\r\x12\x18\n\x10rejected_replies\x18\x05 \x01(\r\x12\x1b\n\x13kept_previous_model\x18\x06 \x01(\x08\x12\x17\n\x0f\x65lapsed_seconds\x18\x07 \x01(\x01\x12\x38\n\x08strategy\x18\x08 \x03(\x0b\x32&.corolla.v1.RoundMetrics.StrategyEntry\x12\x12\n\nbytes_sent\x18\t \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\n \x01(\x04\x12<\n\nextensions\x18\x0b \x03(\x0b\x32(.corolla.v1.RoundMetrics.ExtensionsEntry\x1a,\n\nTrainEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a/\n\rEvaluateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a.\n\x0c\x43\x65ntralEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a/\n\rStrategyEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x31\n\x0f\x45xtensionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xc2\x01\n\x0c\x43lientResult\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\x04\x12\x14\n\x0cpartition_id\x18\x03 \x01(\x03\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x03\x12\x36\n\x07metrics\x18\x05 \x03(\x0b\x32%.corolla.v1.ClientResult.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"U\n\rRejectedReply\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\x04\x12\x14\n\x0cpartition_id\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t\"F\n\x0bRunFinished\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x17\n\x0f\x65lapsed_seconds\x18\x03 \x01(\x01\"\xb0\x02\n\x08RunEvent\x12\r\n\x05round\x18\x01 \x01(\r\x12\x11\n\ttimestamp\x18\x02 \x01(\x01\x12-\n\x0brun_started\x18\x03 \x01(\x0b\x32\x16.corolla.v1.RunStartedH\x00\x12\x31\n\rround_metrics\x18\x04 \x01(\x0b\x32\x18.corolla.v1.RoundMetricsH\x00\x12\x31\n\rclient_result\x18\x05 \x01(\x0b\x32\x18.corolla.v1.ClientResultH\x00\x12\x33\n\x0erejected_reply\x18\x06 \x01(\x0b\x32\x19.corolla.v1.RejectedReplyH\x00\x12/\n\x0crun_finished\x18\x07 \x01(\x0b\x32\x17.corolla.v1.RunFinishedH\x00\x42\x07\n\x05\x65ventb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,6 +41,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUNDMETRICS_CENTRALENTRY']._serialized_options = b'8\001'
   _globals['_ROUNDMETRICS_STRATEGYENTRY']._loaded_options = None
   _globals['_ROUNDMETRICS_STRATEGYENTRY']._serialized_options = b'8\001'
+  _globals['_ROUNDMETRICS_EXTENSIONSENTRY']._loaded_options = None
+  _globals['_ROUNDMETRICS_EXTENSIONSENTRY']._serialized_options = b'8\001'
   _globals['_CLIENTRESULT_METRICSENTRY']._loaded_options = None
   _globals['_CLIENTRESULT_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_RUNSTARTED']._serialized_start=40
@@ -48,23 +50,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUNSTARTED_CONFIGENTRY']._serialized_start=164
   _globals['_RUNSTARTED_CONFIGENTRY']._serialized_end=209
   _globals['_ROUNDMETRICS']._serialized_start=212
-  _globals['_ROUNDMETRICS']._serialized_end=748
-  _globals['_ROUNDMETRICS_TRAINENTRY']._serialized_start=558
-  _globals['_ROUNDMETRICS_TRAINENTRY']._serialized_end=602
-  _globals['_ROUNDMETRICS_EVALUATEENTRY']._serialized_start=604
-  _globals['_ROUNDMETRICS_EVALUATEENTRY']._serialized_end=651
-  _globals['_ROUNDMETRICS_CENTRALENTRY']._serialized_start=653
-  _globals['_ROUNDMETRICS_CENTRALENTRY']._serialized_end=699
-  _globals['_ROUNDMETRICS_STRATEGYENTRY']._serialized_start=701
-  _globals['_ROUNDMETRICS_STRATEGYENTRY']._serialized_end=748
-  _globals['_CLIENTRESULT']._serialized_start=751
-  _globals['_CLIENTRESULT']._serialized_end=945
-  _globals['_CLIENTRESULT_METRICSENTRY']._serialized_start=899
-  _globals['_CLIENTRESULT_METRICSENTRY']._serialized_end=945
-  _globals['_REJECTEDREPLY']._serialized_start=947
-  _globals['_REJECTEDREPLY']._serialized_end=1032
-  _globals['_RUNFINISHED']._serialized_start=1034
-  _globals['_RUNFINISHED']._serialized_end=1104
-  _globals['_RUNEVENT']._serialized_start=1107
-  _globals['_RUNEVENT']._serialized_end=1411
+  _globals['_ROUNDMETRICS']._serialized_end=905
+  _globals['_ROUNDMETRICS_TRAINENTRY']._serialized_start=664
+  _globals['_ROUNDMETRICS_TRAINENTRY']._serialized_end=708
+  _globals['_ROUNDMETRICS_EVALUATEENTRY']._serialized_start=710
+  _globals['_ROUNDMETRICS_EVALUATEENTRY']._serialized_end=757
+  _globals['_ROUNDMETRICS_CENTRALENTRY']._serialized_start=759
+  _globals['_ROUNDMETRICS_CENTRALENTRY']._serialized_end=805
+  _globals['_ROUNDMETRICS_STRATEGYENTRY']._serialized_start=807
+  _globals['_ROUNDMETRICS_STRATEGYENTRY']._serialized_end=854
+  _globals['_ROUNDMETRICS_EXTENSIONSENTRY']._serialized_start=856
+  _globals['_ROUNDMETRICS_EXTENSIONSENTRY']._serialized_end=905
+  _globals['_CLIENTRESULT']._serialized_start=908
+  _globals['_CLIENTRESULT']._serialized_end=1102
+  _globals['_CLIENTRESULT_METRICSENTRY']._serialized_start=1056
+  _globals['_CLIENTRESULT_METRICSENTRY']._serialized_end=1102
+  _globals['_REJECTEDREPLY']._serialized_start=1104
+  _globals['_REJECTEDREPLY']._serialized_end=1189
+  _globals['_RUNFINISHED']._serialized_start=1191
+  _globals['_RUNFINISHED']._serialized_end=1261
+  _globals['_RUNEVENT']._serialized_start=1264
+  _globals['_RUNEVENT']._serialized_end=1568
 # @@protoc_insertion_point(module_scope)
