@@ -9,14 +9,12 @@ authentication, signs its requests with the node's private key.
 
 from __future__ import annotations
 
-import logging
 import socket
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
-
-# Flower 1.42 serves a SuperNode's runtime API (the ClientApp process's
-# connection, called ClientAppIo before 1.42) on 127.0.0.1:9094 by default.
+# In Flower 1.42 a SuperNode serves the runtime API that its ClientApp processes
+# call on --host/--port, 127.0.0.1:9094 by default. Flower 1.42 rejects the older
+# --clientappio-api-address option.
 DEFAULT_RUNTIME_PORT = 9094
 
 

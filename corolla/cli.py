@@ -15,24 +15,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from corolla.deploy_cli import add_deploy_commands, find_app_directory
 from simulations.experiments import CONFIG_KEYS, EXPERIMENTS, ConfigError, parse_override, resolve_run_config
 
 logger = logging.getLogger(__name__)
 
 ENGINES = ("inprocess", "ray")
-
-
-def app_directory() -> Path:
-    """Return the Flower App directory: the folder whose pyproject.toml names Corolla's components."""
-    import server
-
-    root = Path(server.__file__).resolve().parent.parent
-    if not (root / "pyproject.toml").is_file():
-        raise FileNotFoundError(
-            f"No pyproject.toml next to the installed packages in {root}; the Ray engine and "
-            "`corolla run` need the source checkout, installed with `pip install -e .`."
-        )
-    return root
 
 
 def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -138,7 +126,7 @@ def simulate(args: argparse.Namespace) -> int:
 
             from simulations.ray_engine import run_with_ray
 
-            run_with_ray(run_config, app_directory())
+            run_with_ray(run_config, find_app_directory())
             summary = json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
 
     final = summary["final"]
@@ -204,12 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", help="plot file (default: report.png in the working directory)")
     rep.set_defaults(handler=report)
 
-    try:
-        from corolla.deploy_cli import add_deploy_commands
-    except ImportError as error:  # The deployment layer is optional for simulation-only use.
-        logger.debug("Deployment commands unavailable: %s", error)
-    else:
-        add_deploy_commands(subparsers)
+    add_deploy_commands(subparsers)
     return parser
 
 

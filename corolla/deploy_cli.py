@@ -10,8 +10,8 @@ A federation is set up in four steps, on Flower 1.42:
 2. ``corolla server --certs certs`` starts a SuperLink with TLS and SuperNode
    authentication, and stores a SuperLink connection (default name
    ``corolla``) in ``$FLWR_HOME/config.toml``.
-3. Each node's public key is registered with the running SuperLink by whoever
-   holds that connection: ``flwr supernode register certs/node-0.pub corolla``.
+3. Each node's public key is registered with the running SuperLink, from any
+   machine that has this connection: ``flwr supernode register certs/node-0.pub corolla``.
    The SuperLink accepts no SuperNode before its key is registered, and without
    ``--database`` it forgets registrations when it stops.
 4. ``corolla client --server HOST:PORT --partition 0/2 --certs certs
@@ -147,7 +147,7 @@ def _add_server_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--host",
         default="127.0.0.1",
-        help="address to bind; 0.0.0.0 or :: accepts other machines (default: 127.0.0.1)",
+        help="address to bind; 0.0.0.0 or :: accept other machines (default: 127.0.0.1)",
     )
     parser.add_argument(
         "--port",
@@ -345,7 +345,7 @@ def run_run_command(args: argparse.Namespace) -> int:
     try:
         status = wait_for_run(run_id, args.superlink, args.timeout, check=False, echo=print_command)
     except TimeoutError as error:
-        print(f"Run {run_id} timed out: {error}", file=sys.stderr)
+        print(f"Timed out: {error}", file=sys.stderr)
         return EXIT_RUN_TIMED_OUT
 
     details = f" ({status.details})" if status.details else ""
@@ -385,9 +385,8 @@ def _print_run_log_tail(run_id: int, connection: str) -> None:
 def _run_foreground(command: list[str]) -> int:
     """Run a Flower server process until it exits, and return its exit code.
 
-    Ctrl-C reaches the child through the terminal's process group; SIGTERM to
-    this process is passed on. A child that has not exited 10 s after being
-    asked is killed.
+    Ctrl-C reaches the child through the terminal's process group, and SIGTERM
+    to this process is passed on. A child still running 10 s after Ctrl-C is killed.
     """
     process = subprocess.Popen(command, env=flower_environment())
 

@@ -35,6 +35,7 @@ from server.launch import (
     RunStatus,
     find_certificates,
     format_run_config,
+    register_node,
     run_config_overrides,
     superlink_address,
     superlink_command,
@@ -134,7 +135,7 @@ def test_private_keys_have_mode_0600(certificates: launch.CertificatePaths) -> N
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
 
 
-def test_write_certificates_refuses_overwrite(tmp_path: Path) -> None:
+def test_write_certificates_keeps_existing_files(tmp_path: Path) -> None:
     write_certificates(tmp_path, ["node-0"])
     before = (tmp_path / "ca.crt").read_bytes()
 
@@ -380,7 +381,10 @@ def test_find_app_directory_is_repository_root() -> None:
 # A deployed federation on loopback
 # ---------------------------------------------------------------------------
 
-RUN_TIMEOUT_S = 100  # two rounds took about 40 s on two CPU cores; SuperNodes poll every 3 s
+# The two-round run of the slow test took about 30 s on a 2-core VM, and its whole
+# test about 60 s, because each SuperNode polls every 3 s and starts a ClientApp
+# process per message.
+RUN_TIMEOUT_S = 100
 STARTUP_TIMEOUT_S = 30
 
 
@@ -391,7 +395,7 @@ def _free_port() -> int:
 
 
 def _port_is_free(port: int) -> bool:
-    """Return whether nothing listens on ``port``; TIME_WAIT leftovers of closed connections do not count."""
+    """Return whether nothing listens on ``port``. TIME_WAIT leftovers of closed connections do not count."""
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -419,7 +423,7 @@ def _processes_with_marker(marker: str) -> list[int]:
 
 @dataclass
 class Federation:
-    """Processes and paths of one loopback federation; ``stop`` ends every process."""
+    """Processes and paths of one loopback federation. ``stop`` ends every process."""
 
     root: Path
     environment: dict[str, str]
@@ -461,7 +465,7 @@ class Federation:
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(timeout=5)
-        # Flower detaches the SuperLink's SuperExec into its own session; it exits
+        # Flower detaches the SuperLink's SuperExec into its own session. It exits
         # when its parent does, so give it a moment before killing leftovers.
         deadline = time.monotonic() + 10
         while _processes_with_marker(self.marker) and time.monotonic() < deadline:
@@ -471,19 +475,24 @@ class Federation:
 
 
 @pytest.fixture
-def federation(tmp_path: Path) -> Federation:
+def federation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Federation:
     if not Path("/proc/self/environ").exists():
         pytest.skip("finding leftover processes needs Linux /proc")
     home = tmp_path / "flwr-home"
     home.mkdir()
+    # Set in this process too, for the `flwr` commands that server.launch runs.
+    flower_settings = {
+        "FLWR_HOME": str(home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    }
+    for name, value in flower_settings.items():
+        monkeypatch.setenv(name, value)
     environment = dict(os.environ)
     environment.update(
-        FLWR_HOME=str(home),
-        FLWR_TELEMETRY_ENABLED="0",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         COROLLA_TEST_MARKER=str(tmp_path),
     )
     running = Federation(tmp_path, environment, f"COROLLA_TEST_MARKER={tmp_path}", _free_port())
@@ -544,9 +553,8 @@ def test_tls_federation_trains_and_rejects_unknown_node(federation: Federation) 
     write_certificates(certs, ["node-0", "node-1", "intruder"])
 
     _start_superlink(federation, certs)
-    for name in ("node-0", "node-1"):
-        registered = federation.flwr("supernode", "register", str(certs / f"{name}.pub"), "loopback")
-        assert registered["success"], registered
+    node_ids = [register_node(certs / f"{name}.pub", "loopback") for name in ("node-0", "node-1")]
+    assert len(set(node_ids)) == 2
 
     for index in (0, 1):
         federation.start(
