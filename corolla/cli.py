@@ -168,12 +168,39 @@ def report(args: argparse.Namespace) -> int:
     table, plot_path = compare_runs([Path(run) for run in args.runs], Path(args.out) if args.out else None)
     print(table)
     print(f"Plot written to {plot_path}")
+
+    from simulations.report import plot_client_accuracy
+
+    client_plot = plot_client_accuracy([Path(run) for run in args.runs], plot_path.with_name(f"{plot_path.stem}_clients.png"))
+    if client_plot is not None:
+        print(f"Per-client accuracy plot written to {client_plot}")
+    return 0
+
+
+def sweep(args: argparse.Namespace) -> int:
+    """Run strategies over seeds in-process and write a fairness comparison table and plot."""
+    from simulations.sweep import parse_entry, parse_seeds, run_sweep, write_sweep_report
+
+    entries = [parse_entry(text) for text in args.strategies.split(",") if text.strip()]
+    seeds = parse_seeds(args.seeds)
+    overrides = _parse_overrides(args.set)
+    out_dir = Path(args.out) if args.out else Path.cwd() / "sweeps" / args.experiment
+    command = " ".join(["corolla", "sweep", args.experiment, "--strategies", args.strategies, "--seeds", args.seeds])
+    command += "".join(f" --set {pair}" for pair in args.set)
+    if args.out:
+        command += f" --out {args.out}"
+
+    print(f"Corolla sweep: {args.experiment}, {len(entries)} strategies x {len(seeds)} seeds -> {out_dir.resolve()}", flush=True)
+    outcomes = run_sweep(args.experiment, entries, seeds, overrides, out_dir)
+    table, plot_path = write_sweep_report(outcomes, out_dir.resolve(), command)
+    print(table)
+    print(f"Table written to {out_dir.resolve() / 'sweep.md'}, plot to {plot_path}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser of the ``corolla`` command."""
-    parser = argparse.ArgumentParser(prog="corolla", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="corolla", description="Corolla: federated learning methods on Flower, simulated or deployed.")
     parser.add_argument("--verbose", "-v", action="store_true", help="log Flower's and Corolla's INFO messages")
     subparsers = parser.add_subparsers(dest="command", required=True)
 
@@ -191,6 +218,19 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
     rep.add_argument("--out", help="plot file (default: report.png in the working directory)")
     rep.set_defaults(handler=report)
+
+    swp = subparsers.add_parser("sweep", help="run strategies over seeds in-process and compare fairness metrics")
+    swp.add_argument("experiment", choices=sorted(EXPERIMENTS), metavar="EXPERIMENT", help="experiment preset (see `corolla list`)")
+    swp.add_argument(
+        "--strategies",
+        required=True,
+        metavar="LIST",
+        help="comma-separated entries STRATEGY[:KEY=VALUE...], e.g. fedavg,omd-tch:omd-step=euclidean:eta-lambda=0.03",
+    )
+    swp.add_argument("--seeds", default="0,1,2", metavar="LIST", help="comma-separated seeds (default: 0,1,2)")
+    swp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a run-config value for every run; repeatable")
+    swp.add_argument("--out", help="sweep directory (default: sweeps/<experiment>)")
+    swp.set_defaults(handler=sweep)
 
     add_deploy_commands(subparsers)
     return parser

@@ -11,6 +11,8 @@ Mechanism (Flower 1.42):
 2. This module starts ``flower-superlink --simulation --insecure
    --disable-runtime-dependency-installation --host 127.0.0.1 --port PORT`` on
    a free loopback port, in a new session, and waits for ``GET /health``.
+   Its environment also keeps Ray on loopback and Ray's files in the same
+   temporary directory.
 3. ``flwr run APP_DIR corolla-ray --run-config KEY=VALUE ... --federation-config
    num-supernodes=N --federation-config client-resources-num-cpus=C --format json``
    submits the run. The command is logged at INFO.
@@ -19,10 +21,11 @@ Mechanism (Flower 1.42):
    ``flwr ls RUN_ID --format json`` then reads the final status, because
    ``flwr run`` exits 0 even when the run fails. ``flwr ls`` also runs as a
    periodic liveness check while the stream is open.
-5. In every case the SuperLink's process group is stopped, and then every
-   process whose environment carries this call's ``COROLLA_RAY_ENGINE_ID``:
-   ``flower-superexec`` (which Flower starts in its own session),
-   ``flwr-simulation`` and the Ray processes (GCS, raylet, actors).
+5. In every case the SuperLink's process group is stopped first. Then every
+   process that carries this call's ``COROLLA_RAY_ENGINE_ID`` in its
+   environment, or lives in a session that such a process leads, is stopped.
+   These are ``flower-superexec`` (which Flower starts in a new session),
+   ``flwr-simulation`` and the Ray processes (GCS, raylet, agents, actors).
 
 Why not Flower's managed local SuperLink (``address = ":local:"``): it can be
 moved to other ports (``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT``), but ``flwr``
@@ -269,7 +272,8 @@ class _SimulationSuperLink:
     """A private simulation SuperLink, its ``FLWR_HOME`` and the ``flwr`` commands that talk to it."""
 
     def __init__(self) -> None:
-        self.engine_id = _new_engine_id()
+        self.engine_id = uuid.uuid4().hex
+        self.processes = _RunProcesses(self.engine_id)
         self.work_dir = Path(tempfile.mkdtemp(prefix="corolla-ray-"))
         self.flwr_home = self.work_dir / "flwr-home"
         self.flwr_home.mkdir()
@@ -298,6 +302,10 @@ class _SimulationSuperLink:
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         if len(str(self.work_dir)) <= _MAX_RAY_TMPDIR_LENGTH:
             env["RAY_TMPDIR"] = str(self.work_dir)
+        # Ray on Linux binds its GCS, raylet and workers to the address of the
+        # default route unless this is 0, in which case it uses loopback as it
+        # does on macOS and Windows. This engine runs a single-node Ray only.
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         return env
 
     def start(self, deadline: float) -> None:
@@ -329,6 +337,7 @@ class _SimulationSuperLink:
             if self._wait_until_healthy(port, deadline):
                 self.address = f"127.0.0.1:{port}"
                 log.info("SuperLink %s is ready (process %d).", self.address, self.process.pid)
+                self.processes.record_sessions()
                 return
 
             exit_code = self.process.poll()
@@ -385,14 +394,21 @@ class _SimulationSuperLink:
             command += ["--federation-config", argument]
         command += ["--format", "json"]
         log.info("Submitting the run: %s", subprocess.list2cmdline(command))
+        # NOTE: Flower 1.42 walks every file under app_dir before it applies
+        # .gitignore, so a virtual environment inside the app directory slows
+        # this step (48,000 files took 3 s on 2 cores).
 
         result = self._run_flwr(command, deadline)
         reply = _parse_json_reply(result)
         if not reply.get("success") or not reply.get("run-id"):
             reason = reply.get("error-message") or result.stderr.strip() or result.stdout.strip()
-            raise RayEngineError(f"`flwr run` did not start a run: {_strip_ansi(str(reason)).strip()}")
+            raise RayEngineError(
+                f"`flwr run` did not start a run: {_strip_ansi(str(reason)).strip()}\n"
+                f"SuperLink errors:\n{self._superlink_errors()}"
+            )
         run_id = str(reply["run-id"])
         log.info("Flower started run %s.", run_id)
+        self.processes.record_sessions()
         return run_id
 
     def wait_for_run(self, run_id: str, deadline: float, timeout: float) -> tuple[str, str]:
@@ -413,9 +429,21 @@ class _SimulationSuperLink:
                     f"Last lines of its output:\n{self._superlink_log_tail()}"
                 )
             if time.monotonic() >= next_status_check:
-                status, details = self._run_status(run_id, deadline)
+                self.processes.record_sessions()
+                try:
+                    status, details = self._run_status(run_id, deadline)
+                except RayEngineError as error:
+                    # The loop still watches the SuperLink process and the deadline.
+                    log.warning("Status check of run %s failed, continuing to wait: %s", run_id, error)
+                    status, details = "unknown", ""
                 log.debug("Run %s status: %s", run_id, status)
                 if status.startswith("finished"):
+                    # Let the stream deliver the last lines, which contain a failed run's traceback.
+                    try:
+                        self.log_stream.wait(timeout=PROCESS_EXIT_GRACE)
+                    except subprocess.TimeoutExpired:
+                        pass
+                    self._join_log_reader()
                     return status, details
                 next_status_check = time.monotonic() + STATUS_CHECK_INTERVAL
             time.sleep(0.2)
@@ -479,7 +507,7 @@ class _SimulationSuperLink:
     def _run_flwr(self, command: list[str], deadline: float) -> subprocess.CompletedProcess[str]:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise RayEngineError(f"Timed out before `{subprocess.list2cmdline(command[1:3])}` could run.")
+            raise RayEngineError(f"Timed out before `flwr {command[1]}` could run.")
         try:
             return subprocess.run(
                 command,
@@ -494,13 +522,20 @@ class _SimulationSuperLink:
         except subprocess.TimeoutExpired:
             raise RayEngineError(f"`{subprocess.list2cmdline(command)}` timed out.") from None
 
+    def _superlink_errors(self) -> str:
+        """Return the SuperLink's last ERROR lines, which name the cause that the Control API reply omits."""
+        lines = [line for line in self._superlink_output() if "ERROR" in line]
+        return "\n".join(lines[-10:]) or "(none)"
+
     def _superlink_log_tail(self) -> str:
+        return "\n".join(self._superlink_output()[-LOG_TAIL_LINES:]) or "(no SuperLink output)"
+
+    def _superlink_output(self) -> list[str]:
         try:
             text = self.superlink_log.read_text(encoding="utf-8", errors="replace")
         except OSError:
-            return "(no SuperLink output)"
-        lines = [_strip_ansi(line).rstrip() for line in text.splitlines() if line.strip()]
-        return "\n".join(lines[-LOG_TAIL_LINES:]) or "(no SuperLink output)"
+            return []
+        return [_strip_ansi(line).rstrip() for line in text.splitlines() if line.strip()]
 
     def stop(self) -> None:
         """Stop the log stream, the SuperLink and every process this run started, then delete the work directory."""
@@ -513,8 +548,9 @@ class _SimulationSuperLink:
                 self.log_stream.wait()
         self._join_log_reader()
 
+        self.processes.record_sessions()
         self._stop_superlink()
-        _stop_marked_processes(self.engine_id)
+        self.processes.stop()
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
     def _stop_superlink(self) -> None:
@@ -531,10 +567,6 @@ class _SimulationSuperLink:
         _signal_group(self.process.pid, signal.SIGKILL)
         log.info("Stopped SuperLink process %d.", self.process.pid)
         self.process = None
-
-
-def _new_engine_id() -> str:
-    return uuid.uuid4().hex
 
 
 def _parse_json_reply(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
@@ -559,56 +591,90 @@ def _signal_group(process_group: int, signal_number: int) -> None:
         pass
 
 
-def _marked_processes(engine_id: str) -> list[int]:
-    """Return the ids of live processes whose initial environment contains ``ENGINE_ID_ENV=engine_id``."""
-    marker = f"{ENGINE_ID_ENV}={engine_id}".encode()
-    own_pid = os.getpid()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == own_pid:
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:  # gone, a zombie, or another user's process
-            continue
-        if marker in environ.split(b"\0"):
-            pids.append(int(entry.name))
-    return pids
+class _RunProcesses:
+    """The processes that one ``run_with_ray`` call started, found through ``/proc``.
 
-
-def _stop_marked_processes(engine_id: str) -> None:
-    """Stop ``flower-superexec``, ``flwr-simulation`` and Ray processes started for this run.
-
-    They leave the SuperLink's process group (Flower starts ``flower-superexec``
-    in a new session), so they are found by the engine id in their environment.
+    ``flower-superlink`` and ``flower-superexec`` each start a new session, and
+    ``flwr-simulation`` and every Ray process stay in the session of
+    ``flower-superexec``. Ray's agents overwrite their environment with their
+    process title, so the ``ENGINE_ID_ENV`` marker alone misses them, but their
+    session id stays until they exit. A process belongs to the run if it carries
+    the marker or lives in a session that a marked process leads.
     """
-    if not Path("/proc").is_dir():
-        # TODO: find these processes without /proc (macOS). Until then only the
-        # SuperLink's process group is stopped, and the rest is left to Flower's
-        # parent-process monitors.
-        return
 
-    # flower-superexec exits within a second of losing the SuperLink, because it
-    # polls its parent every 0.2 s. Give it and flwr-simulation a moment to shut
-    # Ray down before signalling them.
-    grace_deadline = time.monotonic() + PROCESS_EXIT_GRACE
-    while _marked_processes(engine_id) and time.monotonic() < grace_deadline:
-        time.sleep(0.2)
+    def __init__(self, engine_id: str) -> None:
+        self.marker = f"{ENGINE_ID_ENV}={engine_id}".encode()
+        self.sessions: set[int] = set()
 
-    for signal_number in (signal.SIGTERM, signal.SIGKILL):
-        survivors = _marked_processes(engine_id)
-        if not survivors:
+    def record_sessions(self) -> None:
+        """Remember the sessions led by marked processes, so their members are found after the leader exits."""
+        own_session = os.getsid(0)
+        for pid, session, marked in self._scan():
+            if marked and session == pid and session != own_session:
+                self.sessions.add(session)
+
+    def live(self) -> list[int]:
+        """Return the ids of the run's processes that are still running (zombies excluded)."""
+        own_pid = os.getpid()
+        return [
+            pid
+            for pid, session, marked in self._scan()
+            if pid != own_pid and (marked or session in self.sessions)
+        ]
+
+    def stop(self) -> None:
+        """Send SIGTERM and then SIGKILL to the run's processes until none is left."""
+        if not Path("/proc").is_dir():
+            # TODO: find these processes without /proc (macOS). Until then only the
+            # SuperLink's process group is stopped, and the rest is left to Flower's
+            # parent-process monitors.
             return
-        log.info("Sending %s to %d leftover Flower/Ray processes: %s", signal_number.name, len(survivors), survivors)
-        for pid in survivors:
-            try:
-                os.kill(pid, signal_number)
-            except (ProcessLookupError, PermissionError):
-                pass
-        kill_deadline = time.monotonic() + PROCESS_EXIT_GRACE
-        while _marked_processes(engine_id) and time.monotonic() < kill_deadline:
+
+        # flower-superexec exits within a second of losing the SuperLink, because
+        # it polls its parent every 0.2 s. Give it and flwr-simulation a moment to
+        # shut Ray down before signalling them.
+        self._wait_for_exit(PROCESS_EXIT_GRACE)
+
+        for signal_number in (signal.SIGTERM, signal.SIGKILL):
+            survivors = self.live()
+            if not survivors:
+                return
+            log.info("Sending %s to %d leftover Flower/Ray processes: %s", signal_number.name, len(survivors), survivors)
+            for pid in survivors:
+                try:
+                    os.kill(pid, signal_number)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            self._wait_for_exit(PROCESS_EXIT_GRACE)
+
+        survivors = self.live()
+        if survivors:
+            log.warning("Processes %s of this Ray run are still alive after SIGKILL.", survivors)
+
+    def _wait_for_exit(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while self.live() and time.monotonic() < deadline:
             time.sleep(0.2)
 
-    survivors = _marked_processes(engine_id)
-    if survivors:
-        log.warning("Processes %s of this Ray run are still alive after SIGKILL.", survivors)
+    def _scan(self) -> list[tuple[int, int, bool]]:
+        """Return ``(pid, session id, carries the marker)`` for every live process that this user can read."""
+        if not Path("/proc").is_dir():
+            return []
+        processes = []
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = Path(entry.path, "stat").read_text(encoding="utf-8", errors="replace")
+            except OSError:  # the process has exited
+                continue
+            # The fields after the command name, which may itself contain ") ".
+            state, _parent, _group, session = stat[stat.rindex(")") + 2 :].split()[:4]
+            if state == "Z":
+                continue
+            try:
+                environ = Path(entry.path, "environ").read_bytes()
+            except OSError:  # exited, or another user's process
+                environ = b""
+            processes.append((int(entry.name), int(session), self.marker in environ.split(b"\0")))
+        return processes

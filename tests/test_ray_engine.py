@@ -22,6 +22,20 @@ from simulations.ray_engine import (
 APP_DIR = Path(__file__).resolve().parents[1]
 
 
+def track_run_processes(monkeypatch) -> list:
+    """Collect the process trackers that ``run_with_ray`` creates, to check for leftover processes."""
+    trackers = []
+    tracker_class = ray_engine._RunProcesses
+
+    def make_tracker(engine_id: str):
+        tracker = tracker_class(engine_id)
+        trackers.append(tracker)
+        return tracker
+
+    monkeypatch.setattr(ray_engine, "_RunProcesses", make_tracker)
+    return trackers
+
+
 def parse_with_flower(arguments: list[str]) -> dict:
     """Parse ``--run-config`` arguments with Flower's own parser, as ``flwr run`` does."""
     return parse_config_args(arguments)
@@ -53,21 +67,21 @@ def parse_with_flower(arguments: list[str]) -> dict:
         "/tmp/run dir/out",
     ],
 )
-def test_run_config_value_round_trips_through_flower(value):
+def test_value_round_trips_through_flower(value):
     parsed = parse_with_flower(format_run_config({"key": value}))
 
     assert parsed == {"key": value}
     assert type(parsed["key"]) is type(value)
 
 
-def test_run_config_floats_keep_float_type():
+def test_floats_keep_decimal_point():
     arguments = format_run_config({"lr": 0.1, "alpha": 1.0, "momentum": 0.0})
 
     assert arguments == ["lr=0.1", "alpha=1.0", "momentum=0.0"]
     assert all(isinstance(value, float) for value in parse_with_flower(arguments).values())
 
 
-def test_run_config_non_finite_floats_round_trip():
+def test_non_finite_floats_round_trip():
     parsed = parse_with_flower(format_run_config({"low": float("-inf"), "high": float("inf"), "missing": float("nan")}))
 
     assert parsed["low"] == float("-inf")
@@ -75,18 +89,18 @@ def test_run_config_non_finite_floats_round_trip():
     assert math.isnan(parsed["missing"])
 
 
-def test_run_config_strings_are_quoted():
+def test_strings_are_quoted():
     assert format_toml_value("mnist") == '"mnist"'
     assert format_toml_value("two words") == '"two words"'
     assert format_toml_value('say "hi"') == '"say \\u0022hi\\u0022"'
 
 
-def test_run_config_booleans_are_toml_booleans():
+def test_booleans_are_toml_booleans():
     assert format_toml_value(True) == "true"
     assert format_toml_value(False) == "false"
 
 
-def test_run_config_resolved_experiment_round_trips(tmp_path):
+def test_resolved_experiment_round_trips(tmp_path):
     run_config = resolve_run_config("digits-fedavg", {"out-dir": str(tmp_path / "a run dir")})
 
     parsed = parse_with_flower(format_run_config(run_config))
@@ -96,20 +110,20 @@ def test_run_config_resolved_experiment_round_trips(tmp_path):
         assert type(parsed[key]) is type(value), key
 
 
-def test_run_config_one_argument_per_key():
+def test_one_argument_per_key():
     arguments = format_run_config({"num-server-rounds": 3, "dataset": "digits", "lr": 0.1})
 
     assert arguments == ["num-server-rounds=3", 'dataset="digits"', "lr=0.1"]
 
 
 @pytest.mark.parametrize("value", [None, [1, 2], {"a": 1}, b"bytes"])
-def test_run_config_rejects_non_scalar_values(value):
+def test_non_scalar_value_rejected(value):
     with pytest.raises(TypeError, match="'key'"):
         format_run_config({"key": value})
 
 
 @pytest.mark.parametrize("key", ["", "has space", "quote\"", "a=b", "trailing."])
-def test_run_config_rejects_invalid_keys(key):
+def test_invalid_key_rejected(key):
     with pytest.raises(ValueError, match="Invalid run-config key"):
         format_run_config({key: 1})
 
@@ -119,30 +133,30 @@ def test_federation_config_integral_cpus():
     assert format_federation_config(4, 2, cpu_count=8) == ["num-supernodes=4", "client-resources-num-cpus=2"]
 
 
-def test_federation_config_fractional_cpus_scale_ray_cpus():
+def test_fractional_cpus_scale_ray_cpus():
     arguments = format_federation_config(10, 0.5, cpu_count=2)
 
     assert arguments == ["num-supernodes=10", "client-resources-num-cpus=1", "init-args-num-cpus=4"]
 
 
-def test_federation_config_fractional_cpus_round_down():
+def test_fractional_cpus_round_down():
     arguments = format_federation_config(10, 1.5, cpu_count=4)
 
     assert arguments == ["num-supernodes=10", "client-resources-num-cpus=1", "init-args-num-cpus=2"]
 
 
 @pytest.mark.parametrize("cpus", [0, -1.0, float("nan"), float("inf")])
-def test_federation_config_rejects_invalid_cpus(cpus):
+def test_invalid_cpus_rejected(cpus):
     with pytest.raises(ValueError, match="num_cpus_per_client"):
         format_federation_config(10, cpus, cpu_count=2)
 
 
-def test_federation_config_rejects_more_cpus_than_available():
+def test_cpus_beyond_available_rejected():
     with pytest.raises(ValueError, match="exceeds the 2 CPUs"):
         format_federation_config(10, 3.0, cpu_count=2)
 
 
-def test_run_with_ray_rejects_missing_num_clients(tmp_path):
+def test_missing_num_clients_rejected(tmp_path):
     run_config = resolve_run_config("digits-fedavg", {"out-dir": str(tmp_path)})
     del run_config["num-clients"]
 
@@ -150,21 +164,16 @@ def test_run_with_ray_rejects_missing_num_clients(tmp_path):
         run_with_ray(run_config, APP_DIR)
 
 
-def test_run_with_ray_rejects_directory_without_pyproject(tmp_path):
+def test_app_dir_without_pyproject_rejected(tmp_path):
     run_config = resolve_run_config("digits-fedavg", {"out-dir": str(tmp_path / "out")})
 
     with pytest.raises(ValueError, match="pyproject.toml"):
         run_with_ray(run_config, tmp_path)
 
 
-def marked_processes(engine_id: str) -> list[int]:
-    return ray_engine._marked_processes(engine_id)
-
-
 @pytest.mark.slow
 def test_digits_fedavg_runs_on_ray(tmp_path, monkeypatch):
-    engine_id = "test-digits-fedavg-runs-on-ray-" + tmp_path.name
-    monkeypatch.setattr(ray_engine, "_new_engine_id", lambda: engine_id)
+    trackers = track_run_processes(monkeypatch)
     out_dir = tmp_path / "run"
     run_config = resolve_run_config("digits-fedavg", {"out-dir": str(out_dir)})
 
@@ -175,13 +184,14 @@ def test_digits_fedavg_runs_on_ray(tmp_path, monkeypatch):
     assert summary["rounds"] == 3
     assert math.isfinite(summary["final"]["accuracy"])
     assert sorted(summary["clients"]) == sorted(str(partition) for partition in range(10))
-    assert marked_processes(engine_id) == []
+    assert len(trackers) == 1
+    assert len(trackers[0].sessions) >= 2
+    assert trackers[0].live() == []
 
 
 @pytest.mark.slow
 def test_failed_run_raises_ray_engine_error(tmp_path, monkeypatch):
-    engine_id = "test-failed-run-raises-" + tmp_path.name
-    monkeypatch.setattr(ray_engine, "_new_engine_id", lambda: engine_id)
+    trackers = track_run_processes(monkeypatch)
     out_dir = tmp_path / "run"
     # Dataset names are checked only when the ServerApp loads the data.
     run_config = resolve_run_config("digits-fedavg", {"out-dir": str(out_dir), "dataset": "no-such-dataset"})
@@ -192,4 +202,20 @@ def test_failed_run_raises_ray_engine_error(tmp_path, monkeypatch):
     message = str(raised.value)
     assert "finished:failed" in message
     assert "no-such-dataset" in message
-    assert marked_processes(engine_id) == []
+    assert len(trackers) == 1
+    assert len(trackers[0].sessions) >= 2
+    assert trackers[0].live() == []
+
+
+@pytest.mark.slow
+def test_timeout_stops_every_process(tmp_path, monkeypatch):
+    trackers = track_run_processes(monkeypatch)
+    # 1000 rounds take far longer than 30 s, so the timeout ends a run that is still going.
+    run_config = resolve_run_config("digits-fedavg", {"out-dir": str(tmp_path / "run"), "num-server-rounds": 1000})
+
+    with pytest.raises(RayEngineError, match="timed out"):
+        run_with_ray(run_config, APP_DIR, timeout=30)
+
+    assert len(trackers) == 1
+    assert len(trackers[0].sessions) >= 2
+    assert trackers[0].live() == []
