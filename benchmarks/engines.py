@@ -138,6 +138,11 @@ def _run_plain(run_config: dict) -> dict:
 
 def _child(mode: str, experiment: str, overrides: list[str], out: str, result_path: str) -> None:
     sys.path.insert(0, str(ROOT))
+    import logging
+
+    from flwr.common.logger import FLOWER_LOGGER
+
+    FLOWER_LOGGER.setLevel(logging.WARNING)
     from simulations.experiments import parse_override, resolve_run_config
 
     run_config = resolve_run_config(experiment, dict(parse_override(item) for item in overrides))

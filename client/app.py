@@ -16,8 +16,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.models import build_model
+from client.models import build_run_model
 from client.node_data import NodeData, load_node_data
+from client.regularizers import prepare_client_method, save_client_method_state
 from client.training import TrainSettings, client_generator, evaluate_model, train_locally
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ def _prepare(message: Message, context: Context) -> tuple[NodeData, torch.nn.Mod
     if threads > 0 and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     data = load_node_data(context.run_config, context.node_config)
-    model = build_model(str(context.run_config["model"]), data.input_shape, data.num_classes)
+    model = build_run_model(context.run_config, data.input_shape, data.num_classes)
     state = message.content["arrays"].to_torch_state_dict()
     model.load_state_dict(state, strict=True)
     return data, model
@@ -49,9 +50,15 @@ def train(message: Message, context: Context) -> Message:
         initial_loss, _ = evaluate_model(model, data.train_x, data.train_y, int(run_config["eval-batch-size"]))
         metrics["initial-loss"] = initial_loss
 
+    # FedGTST and FedIIR measure gradient statistics at the received model; FedSR's and their
+    # penalties are added to every minibatch loss.
+    statistics, regularizer = prepare_client_method(config, run_config, model, data, context.state, server_round)
+    metrics.update(statistics)
+
     settings = TrainSettings.from_run_config(run_config, proximal_mu=float(config.get("proximal-mu", 0.0)))
     generator = client_generator(int(run_config["seed"]), data.partition_id, server_round)
-    result = train_locally(model, data.train_x, data.train_y, settings, generator)
+    result = train_locally(model, data.train_x, data.train_y, settings, generator, regularizer=regularizer)
+    save_client_method_state(regularizer, context.state)
     logger.debug("Partition %d trained %d steps, loss %.4f", data.partition_id, result.steps, result.mean_loss)
 
     metrics["num-examples"] = len(data.train_y)

@@ -114,3 +114,21 @@ def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int, 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return builder(input_shape, num_classes)
+
+
+def build_run_model(run_config: dict, input_shape: tuple[int, int, int], num_classes: int, seed: int | None = None) -> nn.Module:
+    """Build the model a run trains: ``run_config["model"]``, wrapped when the strategy needs it.
+
+    FedSR trains a Gaussian representation on top of the model's features (see
+    ``client.fedsr``); the server and every client must build the same architecture.
+    """
+    model = build_model(str(run_config["model"]), input_shape, num_classes, seed)
+    if str(run_config.get("strategy", "")) != "fedsr":
+        return model
+    from client.fedsr import GaussianRepresentationModel
+
+    if seed is None:
+        return GaussianRepresentationModel(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        return GaussianRepresentationModel(model)

@@ -54,6 +54,33 @@ class TrainResult:
     mean_loss: float
     # Value of (mu / 2) * ||w - w_global||^2 at each step; empty when mu = 0.
     proximal_terms: list[float] = field(default_factory=list)
+    # Value of the regularizer's penalty at each step; empty without a regularizer.
+    penalties: list[float] = field(default_factory=list)
+
+
+class MinibatchRegularizer:
+    """A term a client method adds to the loss of every minibatch in ``train_locally``.
+
+    The default ``objective`` runs the model once and adds ``penalty``, which
+    subclasses define and which may differentiate through the loss (double
+    backpropagation). A method that needs its own forward pass, such as a
+    stochastic representation, overrides ``objective`` instead. Parameters
+    that belong to the regularizer and not to the model (kept by the client
+    between rounds) are listed by ``parameters`` so the optimizer trains them.
+    """
+
+    def objective(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the minibatch's cross-entropy and the penalty added to it."""
+        loss = F.cross_entropy(model(inputs), labels)
+        return loss, self.penalty(model, inputs, labels, loss)
+
+    def penalty(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        """Return the penalty for a minibatch whose cross-entropy, with its graph, is ``loss``."""
+        raise NotImplementedError
+
+    def parameters(self) -> list[torch.Tensor]:
+        """Return the regularizer's own trainable tensors; none by default."""
+        return []
 
 
 def make_optimizer(parameters, settings: TrainSettings) -> torch.optim.Optimizer:
@@ -99,27 +126,39 @@ def train_locally(
     labels: torch.Tensor,
     settings: TrainSettings,
     generator: torch.Generator,
+    regularizer: MinibatchRegularizer | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on one client's data.
 
     With ``proximal_mu`` > 0 this is FedProx's local objective (Li et al., 2020):
     ``CE(w) + (mu / 2) * ||w - w_global||^2``, where ``w_global`` is the model as
-    received at the start of the round.
+    received at the start of the round. With a ``regularizer``, each minibatch's
+    objective is ``regularizer.objective`` (its loss plus its penalty) in place
+    of the plain cross-entropy; ``mean_loss`` still reports the loss alone.
     """
     if len(labels) == 0:
         raise ValueError("This client has no training examples; check the partition.")
     model.train()
-    optimizer = make_optimizer(model.parameters(), settings)
+    trainable = list(model.parameters())
+    if regularizer is not None:
+        trainable += regularizer.parameters()
+    optimizer = make_optimizer(trainable, settings)
     global_params = [p.detach().clone() for p in model.parameters()] if settings.proximal_mu > 0 else None
 
     total_loss = 0.0
     steps = 0
     seen = 0
     proximal_terms: list[float] = []
+    penalties: list[float] = []
     for batch in planned_batches(len(labels), settings, generator):
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(inputs[batch]), labels[batch])
-        objective = loss
+        if regularizer is None:
+            loss = F.cross_entropy(model(inputs[batch]), labels[batch])
+            objective = loss
+        else:
+            loss, penalty = regularizer.objective(model, inputs[batch], labels[batch])
+            penalties.append(penalty.item())
+            objective = loss + penalty
 
         if global_params is not None:
             squared_distance = sum(
@@ -127,14 +166,20 @@ def train_locally(
             )
             proximal = 0.5 * settings.proximal_mu * squared_distance
             proximal_terms.append(proximal.item())
-            objective = loss + proximal
+            objective = objective + proximal
 
         objective.backward()
         optimizer.step()
         total_loss += loss.item() * len(batch)
         seen += len(batch)
         steps += 1
-    return TrainResult(steps=steps, examples_seen=seen, mean_loss=total_loss / seen, proximal_terms=proximal_terms)
+    return TrainResult(
+        steps=steps,
+        examples_seen=seen,
+        mean_loss=total_loss / seen,
+        proximal_terms=proximal_terms,
+        penalties=penalties,
+    )
 
 
 @torch.no_grad()

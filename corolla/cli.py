@@ -184,7 +184,7 @@ def sweep(args: argparse.Namespace) -> int:
     entries = [parse_entry(text) for text in args.strategies.split(",") if text.strip()]
     seeds = parse_seeds(args.seeds)
     overrides = _parse_overrides(args.set)
-    out_dir = Path(args.out) if args.out else Path.cwd() / "sweeps" / args.experiment
+    out_dir = Path(args.out) if args.out else Path.cwd() / "runs" / "sweeps" / args.experiment
     command = " ".join(["corolla", "sweep", args.experiment, "--strategies", args.strategies, "--seeds", args.seeds])
     command += "".join(f" --set {pair}" for pair in args.set)
     if args.out:
@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     swp.add_argument("--seeds", default="0,1,2", metavar="LIST", help="comma-separated seeds (default: 0,1,2)")
     swp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a run-config value for every run; repeatable")
-    swp.add_argument("--out", help="sweep directory (default: sweeps/<experiment>)")
+    swp.add_argument("--out", help="sweep directory (default: runs/sweeps/<experiment>)")
     swp.set_defaults(handler=sweep)
 
     add_deploy_commands(subparsers)

@@ -17,7 +17,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from client.models import build_model
+from client.models import build_run_model
 from client.training import evaluate_model
 from server.extensions import RunExtension, build_extensions
 from server.results import RunRecorder, default_run_directory
@@ -49,7 +49,7 @@ class CentralEvaluation:
         self.strategy = strategy
         self.recorder = recorder
         self.extensions = extensions
-        self.model = build_model(str(run_config["model"]), dataset.input_shape, dataset.num_classes)
+        self.model = build_run_model(run_config, dataset.input_shape, dataset.num_classes)
         self.test_x = torch.from_numpy(dataset.test_x.copy())
         self.test_y = torch.from_numpy(dataset.test_y.copy())
         # The global model after the latest round: Flower's Result keeps no model
@@ -89,7 +89,7 @@ def run_server(grid: Grid, context: Context) -> dict[str, Any]:
         strategy = build_strategy(run_config)
         extensions = build_extensions(run_config, dataset)
         evaluation = CentralEvaluation(run_config, dataset, strategy, recorder, extensions)
-        initial = build_model(str(run_config["model"]), dataset.input_shape, dataset.num_classes, seed=seed)
+        initial = build_run_model(run_config, dataset.input_shape, dataset.num_classes, seed=seed)
         strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord(initial.state_dict()),

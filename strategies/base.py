@@ -127,6 +127,30 @@ class ValidatedStrategy:
         self._current_round = server_round
         return self._count_sent(super().configure_evaluate(server_round, arrays, config, grid))
 
+    def reply_problem(self, message: Message, phase: str) -> str | None:
+        """Return why a reply that passed ``validate_replies`` is invalid for this strategy, or None.
+
+        Strategies whose clients report extra values (a gradient norm that must not be
+        negative, a vector of a fixed length) override this; a reply with a problem is
+        rejected like any other invalid reply.
+        """
+        return None
+
+    def _apply_reply_checks(self, accepted: list[Message], phase: str) -> tuple[list[Message], list[Rejection]]:
+        kept: list[Message] = []
+        rejections: list[Rejection] = []
+        for message in accepted:
+            problem = self.reply_problem(message, phase)
+            if problem is None:
+                kept.append(message)
+                continue
+            rejection = Rejection(phase, int(message.metadata.src_node_id), reply_partition_id(message), problem)
+            rejections.append(rejection)
+            logger.warning(
+                "Rejected %s reply from node %d (partition %d): %s", phase, rejection.node_id, rejection.partition_id, problem
+            )
+        return kept, rejections
+
     def _check_and_log_replies(
         self, replies: Iterable[Message], is_train: bool, validate: bool = True
     ) -> tuple[list[Message], list[Message]]:
@@ -146,6 +170,8 @@ class ValidatedStrategy:
             self.train_metric_keys if is_train else self.evaluate_metric_keys,
             self._reference_arrays if is_train else None,
         )
+        accepted, strategy_rejections = self._apply_reply_checks(accepted, phase)
+        rejections = rejections + strategy_rejections
         report.rejections.extend(rejections)
 
         for message in accepted:

@@ -30,3 +30,18 @@ def digits_config(tmp_path: Path):
         return resolve_run_config("digits-fedavg", values)
 
     return make
+
+
+@pytest.fixture
+def single_torch_thread():
+    """Run the test with one torch thread, restoring the previous count afterwards.
+
+    On a loaded machine torch's default of one thread per core makes the many small
+    backward passes of a short federated run tens of times slower.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

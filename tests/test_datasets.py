@@ -359,12 +359,25 @@ def test_optdigits_missing_files_raise(tmp_path: Path) -> None:
 
 
 def test_dataset_registry_names() -> None:
-    assert set(DATASETS) == {"mnist", "digits", "optdigits"}
+    assert set(DATASETS) == {
+        "mnist",
+        "digits",
+        "optdigits",
+        "rotated-mnist",
+        "rotated-mnist-small",
+        "cps1988",
+        "mnist-rgb",
+        "mnistm-synthetic",
+        "optdigits-28",
+        "mnistm",
+        "cifar10",
+        "svhn",
+    }
 
 
 def test_load_dataset_unknown_name_raises() -> None:
     with pytest.raises(DatasetError) as error:
-        load_dataset("cifar10")
+        load_dataset("imagenet")
     for name in DATASETS:
         assert name in str(error.value)
 
