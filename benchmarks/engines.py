@@ -58,15 +58,22 @@ def _tree_rss_bytes(pid: int) -> int:
     return total
 
 
-def measure(mode: str, experiment: str, overrides: list[str]) -> dict:
-    """Run one mode in a child process; return its wall time, peak memory and result."""
+def measure(mode: str, experiment: str, overrides: list[str], threads: int = 0) -> dict:
+    """Run one mode in a child process; return its wall time, peak memory and result.
+
+    ``threads`` > 0 limits torch's intra-op threads in the child (OMP_NUM_THREADS).
+    """
     with tempfile.TemporaryDirectory() as scratch:
         result_file = Path(scratch) / "result.json"
         command = [sys.executable, __file__, "--child", mode, experiment, "--result", str(result_file), "--out", str(Path(scratch) / "run")]
         for override in overrides:
             command += ["--set", override]
         started = time.perf_counter()
-        process = subprocess.Popen(command, cwd=ROOT)
+        environment = dict(os.environ)
+        if threads > 0:
+            environment["OMP_NUM_THREADS"] = str(threads)
+            environment["MKL_NUM_THREADS"] = str(threads)
+        process = subprocess.Popen(command, cwd=ROOT, env=environment)
         peak = 0
         while process.poll() is None:
             peak = max(peak, _tree_rss_bytes(process.pid))
@@ -166,6 +173,7 @@ def main() -> None:
     parser.add_argument("experiments", nargs="+")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of plain,inprocess,ray")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -177,11 +185,12 @@ def main() -> None:
 
     results_dir = ROOT / "benchmarks" / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}")
+    load = os.getloadavg()[0]
+    print(f"machine: {platform.machine()}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}, load average {load:.2f}, threads {args.threads or 'default'}")
     print("| experiment | engine | wall time (s) | peak memory (MiB) | final accuracy | ratio to plain loop |")
     print("| --- | --- | --- | --- | --- | --- |")
     for experiment in args.experiments:
-        rows = [measure(mode, experiment, args.set) for mode in args.modes.split(",")]
+        rows = [measure(mode, experiment, args.set, args.threads) for mode in args.modes.split(",")]
         floor = next((row["wall_seconds"] for row in rows if row["mode"] == "plain"), None)
         for row in rows:
             ratio = f"{row['wall_seconds'] / floor:.2f}" if floor else "-"

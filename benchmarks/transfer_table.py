@@ -127,25 +127,42 @@ def mean_std(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
     return f"{array.mean():.{digits}f} ± {spread:.{digits}f}"
 
 
-def format_table(records: list[dict[str, Any]]) -> str:
-    """Render the records as Markdown: one row per method, then the two references."""
+def paired_difference(runs: list[dict[str, Any]], baseline: dict[int, float]) -> str:
+    """Format the mean ± std over seeds of a run's target accuracy minus the baseline's on the same seed."""
+    differences = [run["target_accuracy"] - baseline[run["seed"]] for run in runs if run["seed"] in baseline]
+    return mean_std(differences) if differences else ""
+
+
+def format_table(records: list[dict[str, Any]], baseline_label: str = "fedavg") -> str:
+    """Render the records as Markdown: one row per method, then the two references.
+
+    The column "vs fedavg" is the difference of target accuracy to FedAvg on the same seed,
+    which removes the part of the spread that the seed (partition, initialization) causes.
+    """
     lines = [
-        "| method | seeds | target accuracy (%) | source accuracy (%) | kept round | bytes per round | protocol bytes per round | CPU s per run |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| method | seeds | target accuracy (%) | vs {baseline_label} (points) | source accuracy (%) | kept round | "
+        "bytes per round | protocol bytes per round | CPU s per run |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    baseline = {record["seed"]: record["target_accuracy"] for record in records if record["label"] == baseline_label}
     labels = list(dict.fromkeys(record["label"] for record in records))
     for label in labels:
         runs = [record for record in records if record["label"] == label]
         cpu = [run["cpu_seconds"] for run in runs if run["cpu_seconds"] is not None]
         lines.append(
             f"| {label} | {len(runs)} | {mean_std([run['target_accuracy'] for run in runs])} | "
+            f"{paired_difference(runs, baseline) if label != baseline_label else ''} | "
             f"{mean_std([run['source_accuracy'] for run in runs])} | "
             f"{np.mean([run['best_round'] for run in runs]):.1f} | {np.mean([run['bytes_per_round'] for run in runs]):,.0f} | "
             f"{np.mean([run['statistic_bytes_per_round'] for run in runs]):,.0f} | {np.mean(cpu) if cpu else float('nan'):.0f} |"
         )
     by_seed = {record["seed"]: record for record in records}
     for key, name in (("random_features_accuracy", "random features (probe)"), ("target_only_accuracy", "target only")):
-        lines.append(f"| {name} | {len(by_seed)} | {mean_std([record[key] for record in by_seed.values()])} | | | | | |")
+        references = list(by_seed.values())
+        lines.append(
+            f"| {name} | {len(references)} | {mean_std([record[key] for record in references])} | "
+            f"{paired_difference([{**record, 'target_accuracy': record[key]} for record in references], baseline)} | | | | | |"
+        )
     return "\n".join(lines)
 
 

@@ -3,10 +3,10 @@
 The protocol is FedGTST's (Ma et al., NeurIPS 2024). Federated pretraining on the source domain
 stops early on the global training loss and keeps the best model. Then the feature extractor is
 frozen, only the last linear layer is fitted on the target's training split with Adam, and the
-target test accuracy is the result. The same run reports the source
-test accuracy of the kept model and two references that do not depend on the pretraining: a
-linear probe on the features of the randomly initialized model the run started from, and the
-same network trained from scratch on the target alone.
+target test accuracy is the result. The same run reports the source test accuracy of the kept
+model and two references that do not depend on the pretraining. One is a linear probe on the
+features of the randomly initialized model the run started from, the other the same network
+trained from scratch on the target alone.
 
 Run-config keys: ``transfer-target`` (a dataset name), ``transfer-data-dir``,
 ``transfer-train-examples``, ``transfer-epochs``, ``transfer-lr``, ``transfer-target-only-epochs``,

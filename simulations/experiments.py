@@ -80,7 +80,7 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("transfer-patience", 0, "Early stopping: rounds without a lower global training loss before the kept model is final; 0 never stops."),
     ConfigKey("transfer-loss-examples", 10000, "Source training examples on which the global training loss is computed each round; 0 uses all."),
     ConfigKey("extensions", "", "Comma-separated run extensions (extra evaluations), such as fairness."),
-    ConfigKey("client-threads", 0, "torch threads per client process; 0 keeps torch's default."),
+    ConfigKey("client-threads", 1, "torch intra-op threads per client; 0 keeps torch's default. One thread avoids oversubscribed cores when several clients or runs share a machine."),
     ConfigKey("out-dir", "", "Run directory (absolute); empty writes runs/<time>-<experiment> under the working directory."),
 )
 

@@ -131,7 +131,7 @@ class ValidatedStrategy:
         """Return why a reply that passed ``validate_replies`` is invalid for this strategy, or None.
 
         Strategies whose clients report extra values (a gradient norm that must not be
-        negative, a vector of a fixed length) override this; a reply with a problem is
+        negative, a vector of a fixed length) override this. A reply with a problem is
         rejected like any other invalid reply.
         """
         return None
