@@ -227,6 +227,7 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: Path) -> Path:
         if returned:
             clients = np.arange(len(row["client_accuracy"]))
             per_client.plot(clients, 100.0 * np.asarray(row["client_accuracy"]), marker="o", color=color, label=row["label"])
+            per_client.set_xticks(clients)
     trade_off.set(xlabel="worst-client test loss", ylabel="average test accuracy (%)", title="fairness trade-off (mean ± std over seeds)")
     per_client.set(xlabel="client", ylabel="test accuracy (%)", title="accuracy per client (mean over seeds)")
     for axis in (trade_off, per_client):
