@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from simulations.experiments import ConfigError, Scalar, parse_override, resolve_run_config
+from simulations.experiments import DEFAULTS, ConfigError, Scalar, parse_override, resolve_run_config
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,21 @@ def _with_fairness(extensions: str) -> str:
     return ",".join(names if FAIRNESS_EXTENSION in names else [*names, FAIRNESS_EXTENSION])
 
 
+def _same_config(recorded: dict[str, Any], config: dict[str, Any]) -> bool:
+    """Return True when a recorded run configuration equals ``config``.
+
+    A key added to Corolla after the run was recorded matches when ``config`` leaves it at
+    its default, which is how the older code behaved.
+    """
+    for key in recorded.keys() | config.keys():
+        if key in recorded and key in config:
+            if recorded[key] != config[key]:
+                return False
+        elif key not in config or config[key] != DEFAULTS.get(key):
+            return False
+    return True
+
+
 def _finished_summary(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
     """Return the summary of a completed run in ``run_dir`` with this configuration, or None."""
     summary_path, config_path = run_dir / "summary.json", run_dir / "config.toml"
@@ -98,7 +113,7 @@ def _finished_summary(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] |
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
     if summary.get("status") != "completed" or "fairness" not in summary:
         return None
-    if tomllib.loads(config_path.read_text(encoding="utf-8")) != config:
+    if not _same_config(tomllib.loads(config_path.read_text(encoding="utf-8")), config):
         raise ConfigError(
             f"{run_dir} contains a finished run with another configuration; choose another --out or remove that directory."
         )
