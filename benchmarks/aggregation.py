@@ -69,7 +69,7 @@ CLIENT_LIMITS = {
     "qfedavg (Flower)": (
         100,
         "Flower 1.42's QFedAvg converts each reply with ArrayRecord.to_numpy_ndarrays(keep_input=False), "
-        "which runs gc.collect() once per reply (about 0.35 s each here)",
+        "which runs gc.collect() once per reply; those calls dominate its time",
     ),
 }
 
@@ -114,7 +114,9 @@ def machine_description() -> str:
     except (OSError, subprocess.CalledProcessError):
         lscpu = [f"{platform.processor() or platform.machine()}"]
     versions = f"Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}"
-    return "\n".join(["```", *lscpu, "```", "", versions])
+    # Other jobs share the machine; the load average shows how much they inflated the times.
+    load = "Load average (1, 5, 15 min) when the measurement finished: " + ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    return "\n".join(["```", *lscpu, "```", "", versions, "", load])
 
 
 def format_section(results: list[dict], client_counts: list[int], rounds: dict[int, int], command: str) -> str:
@@ -141,7 +143,7 @@ def format_section(results: list[dict], client_counts: list[int], rounds: dict[i
         "strategy's own arithmetic. The adaptive conversion's cost grows with the iterates it keeps; with random "
         "client losses few iterates dominate one another, which is the worst case for its memory.",
         *(
-            f"{label} is measured up to {limit} clients: {reason}."
+            f"\n{label} is measured up to {limit} clients: {reason}."
             for label, (limit, reason) in CLIENT_LIMITS.items()
             if any(count > limit for count in client_counts)
         ),
