@@ -130,7 +130,7 @@ def test_adaptive_output_is_weighted_average():
     np.testing.assert_allclose(average["weight"], np.full((2, 2), (1.5 * 1.0 + 1.5 * 3.0) / 3))
 
 
-def test_stored_iterates_do_not_change_with_live_numpy_model():
+def test_stored_iterate_survives_numpy_edit():
     live = model(1.0)
     conversion = AdaptiveAverage()
     conversion.add(live, [1.0, 1.0])
@@ -140,7 +140,7 @@ def test_stored_iterates_do_not_change_with_live_numpy_model():
     np.testing.assert_array_equal(conversion.iterates[0]["weight"], np.full((2, 2), 1.0, dtype=np.float32))
 
 
-def test_stored_iterates_do_not_change_with_live_torch_model():
+def test_stored_iterate_survives_torch_edit():
     network = torch.nn.Linear(3, 2)
     adaptive, uniform = AdaptiveAverage(), UniformAverage()
     before = {key: value.detach().numpy().copy() for key, value in network.state_dict().items()}

@@ -70,7 +70,7 @@ def test_rotated_mnist_test_split_is_rotated_and_balanced(tmp_path):
             assert np.rot90(pixels, k=-quarter_turns).tobytes() in originals
 
 
-def test_rotated_mnist_small_keeps_a_fifth_of_training_examples(tmp_path):
+def test_rotated_mnist_small_keeps_a_fifth(tmp_path):
     write_mnist_files(tmp_path, per_class_train=50)
     full = load_rotated_mnist(tmp_path)
     small = load_rotated_mnist(tmp_path, small=True)

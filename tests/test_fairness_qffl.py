@@ -100,7 +100,7 @@ def test_qffl_keeps_integer_buffer_dtype():
         assert np.all(np.isfinite(value)), key
 
 
-def test_qffl_rejects_reply_with_negative_loss_and_keeps_the_others():
+def test_qffl_rejects_negative_loss_reply():
     strategy = QFFL(q=1.0, client_learning_rate=0.1, **SAMPLING)
     start = batchnorm_model(0)
     clients = [batchnorm_model(seed) for seed in (1, 2, 3)]

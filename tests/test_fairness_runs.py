@@ -27,7 +27,7 @@ def fairness_digits(digits_config, run_name: str, **overrides):
 
 
 def last_iterate(config) -> dict[str, torch.Tensor]:
-    # The checkpoint holds the strategy state with numpy arrays, which weights_only loading rejects.
+    # The checkpoint contains the strategy state with numpy arrays, which weights_only loading rejects.
     return torch.load(Path(config["out-dir"]) / "checkpoint.pt", weights_only=False)["model"]
 
 

@@ -21,8 +21,8 @@ def brute_force_projection(values: np.ndarray) -> np.ndarray:
     """Return the closest point of the simplex among all candidates ``max(v - τ_S, 0)`` with support S.
 
     By the KKT conditions the projection is ``v_S - τ`` on its support S and 0 elsewhere,
-    with τ fixed by the sum; trying every support and keeping the closest feasible point is
-    exact for small m.
+    with τ fixed by the sum. Trying every support and keeping the closest feasible point is
+    therefore exact for small m.
     """
     best, best_distance = None, np.inf
     for size in range(1, values.size + 1):
