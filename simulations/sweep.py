@@ -221,9 +221,10 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (trade_off, per_client) = plt.subplots(1, 2, figsize=(13, 5))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     labels = list(dict.fromkeys(row["label"] for row in rows))
+    figure, (trade_off, per_client) = plt.subplots(1, 2, figsize=(13, 5 + 0.25 * len(labels)))
+    # tab20 gives each of up to 20 methods its own color; the default cycle repeats after 10.
+    colors = [plt.get_cmap("tab20")(index % 20) for index in range(len(labels))]
     for row in rows:
         color = colors[labels.index(row["label"]) % len(colors)]
         returned = row["returned"]
@@ -247,7 +248,8 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     per_client.set(xlabel="client", ylabel="test accuracy (%)", title="accuracy per client (mean over seeds)")
     for axis in (trade_off, per_client):
         axis.grid(alpha=0.3)
-        axis.legend(fontsize="x-small")
+        # Below the axes, so the legend hides no point.
+        axis.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
