@@ -47,7 +47,7 @@ class TrainSettings:
 
 @dataclass
 class TrainResult:
-    """What one call of ``train_locally`` did."""
+    """Outcome of one call of ``train_locally``: steps, examples, loss and penalty values."""
 
     steps: int
     examples_seen: int

@@ -4,7 +4,7 @@
 for each message. Messages still cross a serialization boundary (Flower's
 protobuf form, as on the wire), so a ClientApp never shares objects with the
 server and the transported bytes are counted. Flower's Ray engine costs about
-10 s of start-up and orchestration on two cores; this engine has none, and
+10 s of start-up and orchestration on two cores, which this engine avoids.
 ``tests/test_engines.py`` checks that both give the same results for one seed.
 """
 

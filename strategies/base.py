@@ -37,7 +37,7 @@ class ClientRecord:
 
 @dataclass
 class RoundReport:
-    """What happened in one round, read by the ServerApp to write run events."""
+    """Record of one round (accepted and rejected replies, bytes, strategy values) for the run events."""
 
     server_round: int
     client_results: list[ClientRecord] = field(default_factory=list)
@@ -157,7 +157,7 @@ class ValidatedStrategy:
         """Validate replies with ``validate_replies`` and record them in the round report.
 
         This overrides Flower's check, which every Flower strategy calls at the
-        start of ``aggregate_train`` and ``aggregate_evaluate``; the second list
+        start of ``aggregate_train`` and ``aggregate_evaluate``. The second list
         it returns is empty because rejected replies are kept in the report.
         """
         phase = "train" if is_train else "evaluate"
