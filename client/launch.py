@@ -12,6 +12,8 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+from simulations.flower_run_config import format_run_config
+
 # In Flower 1.42 a SuperNode serves the runtime API that its ClientApp processes
 # call on --host/--port, 127.0.0.1:9094 by default. Flower 1.42 rejects the older
 # --clientappio-api-address option.
@@ -47,7 +49,8 @@ def node_config_string(partition: tuple[int, int] | None = None, data_dir: Path 
 
     ``data_dir`` is made absolute, because the ClientApp runs in its own
     process whose working directory is not the caller's. Flower 1.42 reads
-    each value as TOML, so the path is written as a quoted TOML string.
+    each value as TOML, so the path is written as a quoted TOML string with
+    quotes and control characters escaped (see ``simulations.flower_run_config``).
     """
     if (partition is None) == (data_dir is None):
         raise ValueError("Give exactly one of a partition (I/N) or a data directory.")
@@ -58,13 +61,7 @@ def node_config_string(partition: tuple[int, int] | None = None, data_dir: Path 
         return f"partition-id={partition_id} num-partitions={num_partitions}"
 
     path = str(Path(data_dir).expanduser().resolve())
-    if any(ord(character) < 0x20 for character in path):
-        raise ValueError(f"Invalid data directory {path!r}: it contains a control character.")
-    if '"' not in path:
-        return 'data-dir="' + path.replace("\\", "\\\\") + '"'
-    if "'" not in path:
-        return f"data-dir='{path}'"
-    raise ValueError(f"Invalid data directory {path!r}: a path with both quote characters cannot pass through --node-config.")
+    return " ".join(format_run_config({"data-dir": path}))
 
 
 def find_free_port(host: str = "127.0.0.1") -> int:

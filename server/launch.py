@@ -18,7 +18,6 @@ import datetime
 import ipaddress
 import json
 import logging
-import math
 import os
 import re
 import shlex
@@ -34,6 +33,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from simulations.flower_run_config import run_config_options
 
 logger = logging.getLogger(__name__)
 
@@ -495,42 +496,6 @@ def register_node(
     return int(result["node-id"])
 
 
-def format_run_config(run_config: Mapping[str, bool | int | float | str]) -> str:
-    """Format a run config as the ``'k1=v1 k2="v2"'`` string that ``flwr run --run-config`` parses.
-
-    Flower 1.42 splits the string at spaces outside quotes and reads each value
-    as TOML, so strings are quoted. A string that contains both quote
-    characters or a control character cannot pass through this format and
-    raises ValueError.
-    """
-    return " ".join(f"{key}={_toml_scalar(key, value)}" for key, value in run_config.items())
-
-
-def _toml_scalar(key: str, value: bool | int | float | str) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        if any(ord(character) < 0x20 and character != "\t" or character == "\x7f" for character in value):
-            raise ValueError(f"Run-config value for {key!r} contains a control character: {value!r}.")
-        if '"' not in value:
-            return '"' + value.replace("\\", "\\\\") + '"'
-        if "'" not in value:
-            return f"'{value}'"  # TOML literal string, which has no escapes
-        raise ValueError(
-            f"Run-config value for {key!r} contains both quote characters, which "
-            f"`flwr run --run-config` cannot parse: {value!r}."
-        )
-    raise TypeError(f"Run-config value for {key!r} is a {type(value).__name__}, not a TOML scalar.")
-
-
 def app_run_config_defaults(app_dir: Path) -> dict:
     """Return ``[tool.flwr.app.config]`` from the app's pyproject.toml (empty when absent)."""
     pyproject = Path(app_dir) / "pyproject.toml"
@@ -569,8 +534,7 @@ def run_config_overrides(
 def run_command(app_dir: Path, connection: str, overrides: Mapping[str, bool | int | float | str]) -> list[str]:
     """Build ``flwr run APP_DIR CONNECTION [--run-config ...] --format json``."""
     command = ["flwr", "run", str(Path(app_dir).resolve()), connection]
-    if overrides:
-        command += ["--run-config", format_run_config(overrides)]
+    command += run_config_options(overrides)
     return command + ["--format", "json"]
 
 

@@ -62,6 +62,8 @@ from typing import Any
 
 import httpx
 
+from simulations.flower_run_config import format_run_config
+
 log = logging.getLogger(__name__)
 
 CONNECTION_NAME = "corolla-ray"
@@ -88,8 +90,6 @@ _STRIPPED_ENV_VARS = (
 _MAX_RAY_TMPDIR_LENGTH = 36
 
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-_TOML_KEY = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
-_TOML_STRING_ESCAPES = {"\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
 
 
 class RayEngineError(RuntimeError):
@@ -151,47 +151,6 @@ def run_with_ray(
             )
 
 
-def format_toml_value(value: Any) -> str:
-    """Format a run-config value as a TOML scalar that Flower's ``--run-config`` parser reads back unchanged.
-
-    Strings become basic strings in which ``"`` is written as ``\\u0022``,
-    because Flower splits ``--run-config`` arguments with a regular expression
-    that ends a double-quoted value at the first ``"``, escaped or not.
-    Floats keep their float type (``0.1``, ``1.0``, ``1e-05``, ``inf``).
-    """
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + "".join(_escape_toml_character(character) for character in value) + '"'
-    raise TypeError(
-        f"Invalid run-config value {value!r} ({type(value).__name__}): "
-        "Flower run configs hold only bool, int, float and str values."
-    )
-
-
-def format_run_config(run_config: dict[str, Any]) -> list[str]:
-    """Format every run-config entry as one ``key=value`` argument for ``flwr run --run-config``."""
-    arguments = []
-    for key, value in run_config.items():
-        if not isinstance(key, str) or not _TOML_KEY.fullmatch(key):
-            raise ValueError(
-                f"Invalid run-config key {key!r}: use letters, digits, '-' and '_', for example num-server-rounds."
-            )
-        try:
-            arguments.append(f"{key}={format_toml_value(value)}")
-        except TypeError as error:
-            raise TypeError(f"Invalid value for run-config key {key!r}: {error}") from None
-    return arguments
-
-
 def format_federation_config(num_supernodes: int, num_cpus_per_client: float, cpu_count: int) -> list[str]:
     """Return the ``flwr run --federation-config`` arguments for the simulation size and Ray resources.
 
@@ -237,14 +196,6 @@ def _num_supernodes(run_config: dict[str, Any]) -> int:
     if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
         raise ValueError(f"Invalid num-clients = {num_clients!r}: it must be an integer of at least 1.")
     return num_clients
-
-
-def _escape_toml_character(character: str) -> str:
-    if character in _TOML_STRING_ESCAPES:
-        return _TOML_STRING_ESCAPES[character]
-    if character == '"' or ord(character) < 0x20 or ord(character) == 0x7F:
-        return f"\\u{ord(character):04x}"
-    return character
 
 
 def _strip_ansi(text: str) -> str:

@@ -34,7 +34,6 @@ from server.launch import (
     RunFailedError,
     RunStatus,
     find_certificates,
-    format_run_config,
     register_node,
     run_config_overrides,
     superlink_address,
@@ -259,6 +258,15 @@ def test_supernode_command_accepted_by_flower(certificates: launch.CertificatePa
     assert args.runtime_dependency_install is False
 
 
+def test_node_config_passes_any_data_directory(tmp_path: Path) -> None:
+    """A data directory whose name has both quote characters reaches the SuperNode intact."""
+    from flwr.common.config import parse_config_args
+
+    data_dir = tmp_path / "it's \"odd\" data"
+
+    assert parse_config_args([node_config_string(data_dir=data_dir)]) == {"data-dir": str(data_dir)}
+
+
 def test_supernode_command_rejects_bad_address(certificates: launch.CertificatePaths) -> None:
     with pytest.raises(ValueError, match="HOST:PORT"):
         supernode_command("https://127.0.0.1", certificates.ca_certificate, None, (0, 1))
@@ -269,29 +277,6 @@ def test_node_config_requires_one_source(tmp_path: Path) -> None:
         node_config_string(None, None)
     with pytest.raises(ValueError, match="exactly one"):
         node_config_string((0, 1), tmp_path)
-
-
-def test_run_config_round_trips_through_flower() -> None:
-    from flwr.common.config import parse_config_args
-
-    run_config = {
-        "num-server-rounds": 2,
-        "lr": 0.05,
-        "tiny": 1e-12,
-        "flag": True,
-        "dataset": "digits",
-        "out-dir": "/tmp/a dir/it's here",
-        "quoted": 'say "hi"',
-        "backslash": "C:\\runs",
-        "empty": "",
-    }
-
-    assert parse_config_args([format_run_config(run_config)]) == run_config
-
-
-def test_run_config_rejects_both_quotes() -> None:
-    with pytest.raises(ValueError, match="both quote"):
-        format_run_config({"out-dir": "it's \"odd\""})
 
 
 def _write_app(directory: Path, config: str) -> Path:

@@ -1,4 +1,4 @@
-"""Tests for the Ray engine: run-config formatting for ``flwr run`` and full runs on Flower's simulation engine."""
+"""Tests for the Ray engine: federation-config arguments and full runs on Flower's simulation engine."""
 
 from __future__ import annotations
 
@@ -7,17 +7,10 @@ import math
 from pathlib import Path
 
 import pytest
-from flwr.common.config import parse_config_args
 
 from simulations import ray_engine
 from simulations.experiments import resolve_run_config
-from simulations.ray_engine import (
-    RayEngineError,
-    format_federation_config,
-    format_run_config,
-    format_toml_value,
-    run_with_ray,
-)
+from simulations.ray_engine import RayEngineError, format_federation_config, run_with_ray
 
 APP_DIR = Path(__file__).resolve().parents[1]
 
@@ -34,98 +27,6 @@ def track_run_processes(monkeypatch) -> list:
 
     monkeypatch.setattr(ray_engine, "_RunProcesses", make_tracker)
     return trackers
-
-
-def parse_with_flower(arguments: list[str]) -> dict:
-    """Parse ``--run-config`` arguments with Flower's own parser, as ``flwr run`` does."""
-    return parse_config_args(arguments)
-
-
-@pytest.mark.parametrize(
-    "value",
-    [
-        True,
-        False,
-        0,
-        -3,
-        10**12,
-        0.1,
-        1.0,
-        -2.5,
-        1e-05,
-        1e20,
-        "",
-        "mnist",
-        "two words",
-        'say "hi"',
-        "it's",
-        "both ' and \"",
-        "back\\slash",
-        "a=b c=d",
-        "line\nbreak\ttab",
-        "ünïcödé",
-        "/tmp/run dir/out",
-    ],
-)
-def test_value_round_trips_through_flower(value):
-    parsed = parse_with_flower(format_run_config({"key": value}))
-
-    assert parsed == {"key": value}
-    assert type(parsed["key"]) is type(value)
-
-
-def test_floats_keep_decimal_point():
-    arguments = format_run_config({"lr": 0.1, "alpha": 1.0, "momentum": 0.0})
-
-    assert arguments == ["lr=0.1", "alpha=1.0", "momentum=0.0"]
-    assert all(isinstance(value, float) for value in parse_with_flower(arguments).values())
-
-
-def test_non_finite_floats_round_trip():
-    parsed = parse_with_flower(format_run_config({"low": float("-inf"), "high": float("inf"), "missing": float("nan")}))
-
-    assert parsed["low"] == float("-inf")
-    assert parsed["high"] == float("inf")
-    assert math.isnan(parsed["missing"])
-
-
-def test_strings_are_quoted():
-    assert format_toml_value("mnist") == '"mnist"'
-    assert format_toml_value("two words") == '"two words"'
-    assert format_toml_value('say "hi"') == '"say \\u0022hi\\u0022"'
-
-
-def test_booleans_are_toml_booleans():
-    assert format_toml_value(True) == "true"
-    assert format_toml_value(False) == "false"
-
-
-def test_resolved_experiment_round_trips(tmp_path):
-    run_config = resolve_run_config("digits-fedavg", {"out-dir": str(tmp_path / "a run dir")})
-
-    parsed = parse_with_flower(format_run_config(run_config))
-
-    assert parsed == run_config
-    for key, value in run_config.items():
-        assert type(parsed[key]) is type(value), key
-
-
-def test_one_argument_per_key():
-    arguments = format_run_config({"num-server-rounds": 3, "dataset": "digits", "lr": 0.1})
-
-    assert arguments == ["num-server-rounds=3", 'dataset="digits"', "lr=0.1"]
-
-
-@pytest.mark.parametrize("value", [None, [1, 2], {"a": 1}, b"bytes"])
-def test_non_scalar_value_rejected(value):
-    with pytest.raises(TypeError, match="'key'"):
-        format_run_config({"key": value})
-
-
-@pytest.mark.parametrize("key", ["", "has space", "quote\"", "a=b", "trailing."])
-def test_invalid_key_rejected(key):
-    with pytest.raises(ValueError, match="Invalid run-config key"):
-        format_run_config({key: 1})
 
 
 def test_federation_config_integral_cpus():
