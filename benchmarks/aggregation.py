@@ -29,9 +29,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import argparse  # noqa: E402
 import gc  # noqa: E402
 import logging  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -45,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from client.models import build_model  # noqa: E402
+from markdown_section import machine_description, write_section  # noqa: E402
 from simulations.experiments import resolve_run_config  # noqa: E402
 from simulations.inprocess import InProcessGrid  # noqa: E402
 from simulations.synthetic_replies import make_train_reply, task_identity  # noqa: E402
@@ -108,17 +107,6 @@ def measure(label: str, overrides: dict, num_clients: int, rounds: int) -> dict:
     return {"label": label, "clients": num_clients, "times": times, "kept_iterates": None if kept is None else len(kept)}
 
 
-def machine_description() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()[:10]
-    except (OSError, subprocess.CalledProcessError):
-        lscpu = [f"{platform.processor() or platform.machine()}"]
-    versions = f"Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}"
-    # Other jobs share the machine; the load average shows how much they inflated the times.
-    load = "Load average (1, 5, 15 min) when the measurement finished: " + ", ".join(f"{value:.1f}" for value in os.getloadavg())
-    return "\n".join(["```", *lscpu, "```", "", versions, "", load])
-
-
 def format_section(results: list[dict], client_counts: list[int], rounds: dict[int, int], command: str) -> str:
     header = "| strategy | " + " | ".join(f"{count} clients (ms per round)" for count in client_counts) + " |"
     lines = [SECTION_TITLE, "", f"Command: `{command}`", "", header, "| --- |" + " --- |" * len(client_counts)]
@@ -150,23 +138,10 @@ def format_section(results: list[dict], client_counts: list[int], rounds: dict[i
         "",
         "Machine (`lscpu | head`):",
         "",
-        machine_description(),
+        machine_description(f"torch {torch.__version__}, numpy {np.__version__}"),
         "",
     ]
     return "\n".join(lines)
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of ``path`` (up to the next ``## `` heading), or append it."""
-    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
-    if SECTION_TITLE in text:
-        start = text.index(SECTION_TITLE)
-        following = text.find("\n## ", start + len(SECTION_TITLE))
-        end = len(text) if following == -1 else following + 1
-        text = text[:start] + section + ("\n" if following != -1 else "") + text[end:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text, encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(section)
     if args.write:
-        write_section(Path(args.write), section)
+        write_section(Path(args.write), SECTION_TITLE, section)
         print(f"Section written to {args.write}")
     return 0
 
