@@ -79,7 +79,7 @@ def plot_client_accuracy(run_dirs: list[Path], plot_path: Path) -> Path | None:
     figure, axis = plt.subplots(figsize=(8, 4))
     for run_dir, summary in with_fairness:
         accuracies = [100.0 * value for value in summary["fairness"]["client_accuracy"]]
-        axis.plot(range(len(accuracies)), accuracies, marker="o", label=f"{summary['strategy']} ({run_dir.name})")
+        axis.plot(range(len(accuracies)), accuracies, marker="o", label=f"{run_dir.name} ({summary['strategy']})")
         axis.set_xticks(range(len(accuracies)))
     axis.set(xlabel="client (partition id)", ylabel="test accuracy (%)", title="accuracy per client of the returned model")
     axis.grid(alpha=0.3)
