@@ -103,6 +103,17 @@ class ProgressDisplay:
         print("  ".join(parts), file=self.stream, flush=True)
 
 
+def _check_run_directory(out_dir: Path) -> None:
+    """Raise ConfigError unless ``out_dir`` is an empty directory or can be created as one."""
+    existing = next(path for path in (out_dir, *out_dir.parents) if path.exists())
+    if not existing.is_dir():
+        raise ConfigError(
+            f"Invalid output directory {out_dir}: {existing} is a file, not a directory; choose another --out."
+        )
+    if existing == out_dir and any(out_dir.iterdir()):
+        raise ConfigError(f"Output directory {out_dir} is not empty; choose another --out or remove it.")
+
+
 def simulate(args: argparse.Namespace) -> int:
     """Run an experiment on one machine with the chosen engine."""
     from server.results import default_run_directory
@@ -110,8 +121,7 @@ def simulate(args: argparse.Namespace) -> int:
     overrides = _parse_overrides(args.set)
     run_config = resolve_run_config(args.experiment, overrides)
     out_dir = Path(args.out).resolve() if args.out else default_run_directory(args.experiment)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ConfigError(f"Output directory {out_dir} is not empty; choose another --out or remove it.")
+    _check_run_directory(out_dir)
     run_config["out-dir"] = str(out_dir)
 
     print(f"Corolla: {args.experiment} with {run_config['strategy']} on the {args.engine} engine -> {out_dir}", flush=True)

@@ -8,11 +8,15 @@ single place that merges defaults, a preset and overrides and validates the resu
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass
 from typing import Any
 
 Scalar = bool | int | float | str
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_MAX_SEED = 2**32 - 1
 
 
 class ConfigError(ValueError):
@@ -262,7 +266,7 @@ def _coerce(key: str, value: Any) -> Scalar:
         return value
     raise ConfigError(
         f"Invalid value for {key!r}: {value!r} ({type(value).__name__}); "
-        f"expected a {type(default).__name__} such as {default!r}."
+        f"expected a value of type {type(default).__name__}, such as {default!r}."
     )
 
 
@@ -288,6 +292,13 @@ def resolve_run_config(
 
 def validate_run_config(config: dict[str, Any]) -> None:
     """Check value ranges that do not depend on the data; raise ConfigError with the fix."""
+    for key, value in config.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"Invalid {key} = {value!r}: it must be a finite number.")
+        if isinstance(value, int) and not isinstance(value, bool) and not _INT64_MIN <= value <= _INT64_MAX:
+            raise ConfigError(
+                f"Invalid {key} = {value!r}: Flower run configs hold 64-bit integers, from {_INT64_MIN} to {_INT64_MAX}."
+            )
     checks = (
         ("num-server-rounds", config["num-server-rounds"] >= 1, "must be at least 1"),
         ("num-clients", config["num-clients"] >= 1, "must be at least 1"),
@@ -324,6 +335,7 @@ def validate_run_config(config: dict[str, Any]) -> None:
         ("transfer-patience", config["transfer-patience"] >= 0, "must be 0 (never stop) or positive"),
         ("transfer-loss-examples", config["transfer-loss-examples"] >= 0, "must be 0 (all) or positive"),
         ("client-threads", config["client-threads"] >= 0, "must be 0 (torch default) or positive"),
+        ("seed", 0 <= config["seed"] <= _MAX_SEED, f"must be in [0, {_MAX_SEED}]: torch's CPU generator keeps only a seed's lowest 32 bits, so larger seeds repeat smaller ones"),
     )
     for key, valid, requirement in checks:
         if not valid:

@@ -61,7 +61,7 @@ def test_unknown_experiment_lists_the_known_ones():
 
 
 def test_wrong_type_names_value_and_expected_type():
-    with pytest.raises(ConfigError, match="expected a int"):
+    with pytest.raises(ConfigError, match="expected a value of type int"):
         resolve_run_config("digits-fedavg", {"num-clients": "ten"})
 
 
@@ -78,3 +78,25 @@ def test_fraction_that_samples_no_client_is_rejected():
 def test_fraction_of_one_client_is_accepted():
     config = resolve_run_config("digits-fedavg", {"num-clients": 10, "fraction-train": 0.1})
     assert config["fraction-train"] == 0.1
+
+
+@pytest.mark.parametrize("key", ["q", "eta-lambda", "fedmgda-lr", "stch-mu", "lr"])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_float_is_rejected(key, value):
+    with pytest.raises(ConfigError, match=f"Invalid {key} = .*finite number"):
+        resolve_run_config("fair-cps1988", {key: value})
+
+
+def test_integer_beyond_int64_is_rejected():
+    with pytest.raises(ConfigError, match="64-bit integers"):
+        resolve_run_config("digits-fedavg", {"num-server-rounds": 2**63})
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**64])
+def test_seed_outside_32_bits_is_rejected(seed):
+    with pytest.raises(ConfigError, match="Invalid seed"):
+        resolve_run_config("digits-fedavg", {"seed": seed})
+
+
+def test_largest_32_bit_seed_is_accepted():
+    assert resolve_run_config("digits-fedavg", {"seed": 2**32 - 1})["seed"] == 2**32 - 1

@@ -107,6 +107,26 @@ def test_unknown_override_key_exits_with_usage_error(tmp_path, capsys):
     assert "Unknown run-config key 'rounds'" in capsys.readouterr().err
 
 
+def test_out_under_a_file_exits_with_usage_error(tmp_path, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+
+    code = main(["simulate", "digits-fedavg", "--out", str(a_file / "run")])
+
+    assert code == 2
+    assert f"{a_file} is a file" in capsys.readouterr().err
+
+
+def test_out_that_is_a_file_exits_with_usage_error(tmp_path, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+
+    code = main(["simulate", "digits-fedavg", "--out", str(a_file)])
+
+    assert code == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+
+
 def test_report_prints_table_and_writes_plot(digits_config, tmp_path, capsys):
     first = digits_config("a", **{"num-server-rounds": 1})
     second = digits_config("b", **{"num-server-rounds": 2, "strategy": "fedprox", "proximal-mu": 0.1})
