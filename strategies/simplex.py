@@ -25,10 +25,15 @@ def project_to_simplex(values: np.ndarray | list[float]) -> np.ndarray:
     Sort-based algorithm (Held, Wolfe and Crowder, 1974; Duchi et al., ICML 2008,
     "Efficient Projections onto the l1-Ball for Learning in High Dimensions"): with
     ``u = sort(v)`` in decreasing order, ``ρ = max{j : u_j + (1 - Σ_{r<=j} u_r) / j > 0}``,
-    ``τ = (Σ_{r<=ρ} u_r - 1) / ρ`` and ``x = max(v - τ, 0)``. The index ``j = 1`` always
-    satisfies the condition, so ρ exists. Cost O(m log m).
+    ``τ = (Σ_{r<=ρ} u_r - 1) / ρ`` and ``x = max(v - τ, 0)``. Cost O(m log m).
+
+    The projection is unchanged by adding a constant to every value, so ``max(v)`` is
+    subtracted first. Then ``u_1 = 0`` and the index ``j = 1`` satisfies the condition in
+    floating point too, so ρ exists even for values near 1e16, where ``u_1 - 1`` would round
+    back to ``u_1``.
     """
     vector = _as_vector(values, "values")
+    vector = vector - vector.max()
     descending = np.sort(vector)[::-1]
     cumulative = np.cumsum(descending)
     ranks = np.arange(1, vector.size + 1)

@@ -54,6 +54,23 @@ def test_projection_is_idempotent(values):
     np.testing.assert_allclose(twice, once, atol=1e-12)
 
 
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ([9e15, 9e15], [0.5, 0.5]),
+        ([1e16, 1e16], [0.5, 0.5]),
+        ([1e18, 1e18, 1e18, 1e18], [0.25, 0.25, 0.25, 0.25]),
+        ([1e18, 0.0], [1.0, 0.0]),
+        ([-1e18, -1e18 + 2**10], [0.0, 1.0]),
+    ],
+)
+def test_projection_of_huge_values(values, expected):
+    projected = project_to_simplex(values)
+
+    np.testing.assert_allclose(projected, expected, atol=1e-12)
+    assert abs(projected.sum() - 1.0) < 1e-12
+
+
 @settings(max_examples=200)
 @given(small_vectors)
 def test_projection_equals_brute_force(values):
