@@ -88,13 +88,16 @@ class TchebycheffState(StrategyState):
 
     ``lambda_`` is the weight vector the next round aggregates with (OMD) or the one the last
     round used (TCH, STCH). ``first_losses`` and ``last_losses`` contain each client's first and
-    latest reported loss, NaN before it reports. ``uniform`` and ``adaptive`` contain the
-    online-to-batch conversion, when the strategy has one.
+    latest reported loss of the kind that drives λ (``lambda-loss``), NaN before it reports.
+    ``iterate_losses`` contains each client's latest loss at the model it was sent, f_i(θ_t),
+    which the conversions pair with θ_t whatever drives λ. ``uniform`` and ``adaptive`` contain
+    the online-to-batch conversion, when the strategy has one.
     """
 
     lambda_: list[float] = field(default_factory=list)
     first_losses: list[float] = field(default_factory=list)
     last_losses: list[float] = field(default_factory=list)
+    iterate_losses: list[float] = field(default_factory=list)
     uniform: UniformAverage | None = None
     adaptive: AdaptiveAverage | None = None
 
@@ -145,6 +148,7 @@ class TchebycheffStrategy(ValidatedStrategy, FlowerFedAvg):
         self.state.lambda_ = [1.0 / num_clients] * num_clients
         self.state.first_losses = [math.nan] * num_clients
         self.state.last_losses = [math.nan] * num_clients
+        self.state.iterate_losses = [math.nan] * num_clients
         if self.conversion == "uniform":
             self.state.uniform = UniformAverage()
         elif self.conversion == "adaptive":
@@ -192,7 +196,9 @@ class TchebycheffStrategy(ValidatedStrategy, FlowerFedAvg):
         raw_losses = np.full(self.num_clients, math.nan)
         for client, message in by_client.items():
             present[client] = True
-            raw_losses[client] = float(next(iter(message.content.metric_records.values()))[self.loss_key])
+            metrics = next(iter(message.content.metric_records.values()))
+            raw_losses[client] = float(metrics[self.loss_key])
+            self.state.iterate_losses[client] = float(metrics[INITIAL_LOSS_KEY])
         self._remember_losses(raw_losses, present)
         objective, known = self._objective()
 
@@ -275,11 +281,11 @@ class TchebycheffStrategy(ValidatedStrategy, FlowerFedAvg):
         return objective, known
 
     def _record_iterate(self) -> None:
-        """Add θ_t, the model the clients trained from, with its loss vector to the conversion."""
+        """Add θ_t, the model the clients trained from, with its loss vector f(θ_t) to the conversion."""
         converter = self.state.uniform or self.state.adaptive
         if converter is None or self._reference_arrays is None:
             return
-        losses = np.array(self.state.last_losses, dtype=np.float64)
+        losses = np.array(self.state.iterate_losses, dtype=np.float64)
         # NOTE: with partial participation a client's latest loss may come from an earlier
         # model, so the adaptive conversion compares partly stale loss vectors. A client that
         # never reported counts as the largest float loss.

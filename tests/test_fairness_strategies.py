@@ -163,6 +163,16 @@ def test_adaptive_conversion_records_the_model_clients_started_from():
     assert strategy.state.adaptive.losses == [[1.0, 2.0]]
 
 
+def test_adaptive_conversion_pairs_iterate_with_initial_losses():
+    strategy = AdaOMDTCH(eta_lambda=0.1, num_clients=2, loss_key="train-loss", **sampling(2))
+    metrics = [{"initial-loss": 1.0, "train-loss": 0.25}, {"initial-loss": 2.0, "train-loss": 0.5}]
+
+    run_round(strategy, 1, global_model(), client_models(2), metrics)
+
+    assert strategy.state.adaptive.losses == [[1.0, 2.0]]
+    assert strategy.state.last_losses == [0.25, 0.5]
+
+
 def test_reply_with_unknown_partition_is_rejected():
     strategy = OMDTCH(eta_lambda=0.1, num_clients=2, **sampling(2))
     models = client_models(3)
