@@ -117,9 +117,11 @@ def _check_run_directory(out_dir: Path) -> None:
 def simulate(args: argparse.Namespace) -> int:
     """Run an experiment on one machine with the chosen engine."""
     from server.results import default_run_directory
+    from strategies import check_keys_take_effect
 
     overrides = _parse_overrides(args.set)
     run_config = resolve_run_config(args.experiment, overrides)
+    check_keys_take_effect(str(run_config["strategy"]), overrides)
     out_dir = Path(args.out).resolve() if args.out else default_run_directory(args.experiment)
     _check_run_directory(out_dir)
     run_config["out-dir"] = str(out_dir)

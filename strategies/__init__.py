@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from strategies.base import ClientRecord, RoundReport, StrategyState, ValidatedStrategy
@@ -145,6 +145,50 @@ STRATEGIES: dict[str, tuple[Callable[[dict[str, Any]], ValidatedStrategy], str]]
 }
 
 
+_TCHEBYCHEFF = ("omd-tch", "adaomd-tch", "afl", "tch", "stch")
+
+# Run-config keys that only some strategies read, and those strategies. Every other key
+# (data, model, client training, extensions) applies to every strategy.
+STRATEGY_KEYS: dict[str, tuple[str, ...]] = {
+    "proximal-mu": ("fedprox",),
+    "q": ("qfedavg", "qffl"),
+    "eta-lambda": ("omd-tch", "adaomd-tch", "afl"),
+    "omd-step": ("omd-tch", "adaomd-tch"),
+    "normalize-losses": _TCHEBYCHEFF,
+    "preference-weights": _TCHEBYCHEFF,
+    "lambda-loss": _TCHEBYCHEFF,
+    "stch-mu": ("stch",),
+    "fedmgda-epsilon": ("fedmgda",),
+    "fedmgda-lr": ("fedmgda",),
+    "fedgtst-xi": ("fedgtst",),
+    "fedgtst-target": ("fedgtst",),
+    "fedgtst-target-scale": ("fedgtst",),
+    "fedgtst-protocol": ("fedgtst",),
+    "fedgtst-norm": ("fedgtst",),
+    "fedgtst-warmup-rounds": ("fedgtst",),
+    "fedsr-l2-coeff": ("fedsr",),
+    "fedsr-cmi-coeff": ("fedsr",),
+    "fediir-penalty": ("fediir",),
+    "fediir-ema": ("fediir",),
+    "client-statistic-examples": ("fedgtst", "fediir"),
+}
+
+
+def check_keys_take_effect(strategy: str, keys: Iterable[str]) -> None:
+    """Raise StrategyError naming every key in ``keys`` that ``strategy`` does not read.
+
+    Call it with the keys a user set explicitly, so that a setting meant for another
+    strategy is reported instead of ignored.
+    """
+    unused = [key for key in keys if key in STRATEGY_KEYS and strategy not in STRATEGY_KEYS[key]]
+    if unused:
+        details = "; ".join(f"{key} is read only by {', '.join(STRATEGY_KEYS[key])}" for key in unused)
+        raise StrategyError(
+            f"Strategy {strategy!r} does not use {', '.join(unused)} ({details}). "
+            "Remove the setting or choose a strategy that reads it."
+        )
+
+
 def build_strategy(run_config: dict[str, Any]) -> ValidatedStrategy:
     """Build the strategy named by ``run_config["strategy"]``."""
     name = str(run_config["strategy"])
@@ -157,6 +201,7 @@ def build_strategy(run_config: dict[str, Any]) -> ValidatedStrategy:
 __all__ = [
     "AFL",
     "STRATEGIES",
+    "STRATEGY_KEYS",
     "STCH",
     "TCH",
     "AdaOMDTCH",
@@ -176,5 +221,6 @@ __all__ = [
     "StrategyState",
     "ValidatedStrategy",
     "build_strategy",
+    "check_keys_take_effect",
     "validate_replies",
 ]

@@ -100,3 +100,11 @@ def test_seed_outside_32_bits_is_rejected(seed):
 
 def test_largest_32_bit_seed_is_accepted():
     assert resolve_run_config("digits-fedavg", {"seed": 2**32 - 1})["seed"] == 2**32 - 1
+
+
+def test_strategy_keys_name_real_keys_and_strategies():
+    from strategies import STRATEGIES, STRATEGY_KEYS
+
+    for key, strategies in STRATEGY_KEYS.items():
+        assert key in DEFAULTS, key
+        assert set(strategies) <= set(STRATEGIES), key

@@ -127,6 +127,15 @@ def test_out_that_is_a_file_exits_with_usage_error(tmp_path, capsys):
     assert "is a file, not a directory" in capsys.readouterr().err
 
 
+def test_setting_for_another_strategy_exits_with_usage_error(tmp_path, capsys):
+    code = main(["simulate", "digits-fedavg", "--set", "preference-weights=1,1", "--out", str(tmp_path / "x")])
+
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "'fedavg' does not use preference-weights" in error
+    assert "omd-tch" in error
+
+
 def test_report_prints_table_and_writes_plot(digits_config, tmp_path, capsys):
     first = digits_config("a", **{"num-server-rounds": 1})
     second = digits_config("b", **{"num-server-rounds": 2, "strategy": "fedprox", "proximal-mu": 0.1})
