@@ -27,6 +27,8 @@ def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     for pair in pairs:
         key, value = parse_override(pair)
+        if key in overrides:
+            raise ConfigError(f"--set {key} is given twice ({overrides[key]!r} and {value!r}); keep one of them.")
         overrides[key] = value
     return overrides
 
@@ -191,9 +193,9 @@ def report(args: argparse.Namespace) -> int:
 
 def sweep(args: argparse.Namespace) -> int:
     """Run strategies over seeds in-process and write a fairness comparison table and plot."""
-    from simulations.sweep import parse_entry, parse_seeds, run_sweep, write_sweep_report
+    from simulations.sweep import parse_entries, parse_seeds, run_sweep, write_sweep_report
 
-    entries = [parse_entry(text) for text in args.strategies.split(",") if text.strip()]
+    entries = parse_entries(args.strategies)
     seeds = parse_seeds(args.seeds)
     overrides = _parse_overrides(args.set)
     out_dir = Path(args.out) if args.out else Path.cwd() / "runs" / "sweeps" / args.experiment
