@@ -1,4 +1,4 @@
-"""Server-side cost of one round's ``aggregate_train`` for each fairness strategy.
+"""Server-side cost of one round's aggregation for each fairness strategy.
 
 Usage (from the repository root, with the project installed):
 
@@ -9,7 +9,8 @@ Replies are built directly (``simulations.synthetic_replies``) for the 784-200-1
 random value in [0.1, 1.1) for each metric the strategy expects (``train-loss``,
 ``initial-loss``). Every strategy runs ``--rounds`` consecutive rounds
 from ``configure_train`` to ``aggregate_train`` (so the adaptive conversion accumulates
-iterates as in a run), and the time of ``aggregate_train`` alone is recorded per round. The
+iterates as in a run), and the time of ``aggregate_train`` plus ``output_arrays`` (the converted
+model, which the fairness extension evaluates every round) is recorded per round. The
 replies are rebuilt before every round, outside the timing, because Flower's ``QFedAvg`` consumes
 the arrays of the replies it aggregates. The time includes Corolla's reply validation and
 the deserialization of the client models, which every strategy pays; FedAvg's row is that
@@ -84,7 +85,7 @@ def client_replies(global_model: dict[str, np.ndarray], metric_keys: frozenset[s
 
 
 def measure(label: str, overrides: dict, num_clients: int, rounds: int) -> dict:
-    """Return the per-round ``aggregate_train`` times (seconds) of one strategy."""
+    """Return the per-round times (seconds) of ``aggregate_train`` and ``output_arrays`` of one strategy."""
     config = resolve_run_config(None, {**overrides, "num-clients": num_clients, "fraction-evaluate": 0.0})
     strategy = build_strategy(config)
     network = build_model("mlp", (1, 28, 28), 10, seed=0)
@@ -99,6 +100,9 @@ def measure(label: str, overrides: dict, num_clients: int, rounds: int) -> dict:
             gc.collect()
             started = time.perf_counter()
             arrays, _ = strategy.aggregate_train(server_round, replies)
+            if arrays is not None:
+                # The fairness extension evaluates the converted model every round.
+                strategy.output_arrays(arrays)
             times.append(time.perf_counter() - started)
             del replies
             if arrays is None:
@@ -125,7 +129,7 @@ def format_section(results: list[dict], client_counts: list[int], rounds: dict[i
     rounds_text = ", ".join(f"{rounds[count]} rounds for {count} clients" for count in client_counts)
     lines += [
         "",
-        f"Median time of `aggregate_train` over consecutive rounds ({rounds_text}) on the 784-200-10 MLP "
+        f"Median time of `aggregate_train` plus `output_arrays` (the converted model) over consecutive rounds ({rounds_text}) on the 784-200-10 MLP "
         "(159,010 float32 parameters), replies built in memory, one BLAS and one torch thread. FedAvg's row is the cost every strategy shares "
         "(validating the replies, counting their bytes, deserializing the models); the other rows add each "
         "strategy's own arithmetic. The adaptive conversion's cost grows with the iterates it keeps; with random "
