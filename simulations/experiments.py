@@ -297,7 +297,7 @@ def validate_run_config(config: dict[str, Any]) -> None:
             raise ConfigError(f"Invalid {key} = {value!r}: it must be a finite number.")
         if isinstance(value, int) and not isinstance(value, bool) and not _INT64_MIN <= value <= _INT64_MAX:
             raise ConfigError(
-                f"Invalid {key} = {value!r}: Flower run configs hold 64-bit integers, from {_INT64_MIN} to {_INT64_MAX}."
+                f"Invalid {key} = {value!r}: Flower stores run-config integers in 64 bits, from {_INT64_MIN} to {_INT64_MAX}."
             )
     checks = (
         ("num-server-rounds", config["num-server-rounds"] >= 1, "must be at least 1"),

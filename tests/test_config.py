@@ -88,7 +88,7 @@ def test_non_finite_float_is_rejected(key, value):
 
 
 def test_integer_beyond_int64_is_rejected():
-    with pytest.raises(ConfigError, match="64-bit integers"):
+    with pytest.raises(ConfigError, match="integers in 64 bits"):
         resolve_run_config("digits-fedavg", {"num-server-rounds": 2**63})
 
 
