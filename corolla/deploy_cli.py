@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from client.launch import DEFAULT_RUNTIME_PORT, find_free_port, parse_partition, supernode_command
+from corolla.progress import ProgressDisplay
 from server.launch import (
     DEFAULT_CONNECTION,
     DEFAULT_SERVER_HOSTS,
@@ -342,10 +343,15 @@ def run_run_command(args: argparse.Namespace) -> int:
 
     run_id = submit_run(app_dir, args.superlink, run_config, echo=print_command)
     print(f"Run {run_id} submitted; results go to {run_config['out-dir']} on the SuperLink's machine.")
+    # When the SuperLink runs on this machine, the run's events file is readable here and
+    # each finished round prints a line. Otherwise the command stays quiet until the run ends.
+    events_path = Path(str(run_config["out-dir"])) / "events.jsonl"
     try:
-        status = wait_for_run(run_id, args.superlink, args.timeout, check=False, echo=print_command)
+        with ProgressDisplay(events_path, int(run_config["num-server-rounds"])):
+            status = wait_for_run(run_id, args.superlink, args.timeout, check=False, echo=print_command)
     except TimeoutError as error:
         print(f"Timed out: {error}", file=sys.stderr)
+        _print_run_log_tail(run_id, args.superlink)
         return EXIT_RUN_TIMED_OUT
 
     details = f" ({status.details})" if status.details else ""

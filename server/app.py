@@ -110,6 +110,11 @@ def run_server(grid: Grid, context: Context) -> dict[str, Any]:
         for extension in extensions:
             extra.update(extension.finish(output, last_arrays, strategy))
         return recorder.finish(output.to_torch_state_dict(), extra)
+    except (SystemExit, KeyboardInterrupt) as error:
+        # Flower's signal handlers turn SIGTERM (as sent by `flwr stop`) and SIGINT into
+        # SystemExit, so the run was stopped from outside rather than failed.
+        recorder.fail(f"stopped from outside before round {len(recorder.rounds)} finished ({type(error).__name__})", status="stopped")
+        raise
     except BaseException as error:
         recorder.fail(f"{type(error).__name__}: {error}")
         raise

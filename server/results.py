@@ -192,13 +192,13 @@ class RunRecorder:
             logger.exception("Plotting the run in %s failed", self.out_dir)
         return summary
 
-    def fail(self, reason: str) -> None:
-        """Record that the run failed, with the reason, in the events and the summary."""
+    def fail(self, reason: str, status: str = "failed") -> None:
+        """Record that the run ended unfinished, with ``status`` ("failed" or "stopped") and the reason, in the events and the summary."""
         if self.finished:
             return
-        summary = self._summary("failed", reason)
+        summary = self._summary(status, reason)
         self._write_summary(summary)
-        self._write(events_pb2.RunEvent(run_finished=events_pb2.RunFinished(status="failed", reason=reason, elapsed_seconds=summary["elapsed_seconds"])))
+        self._write(events_pb2.RunEvent(run_finished=events_pb2.RunFinished(status=status, reason=reason, elapsed_seconds=summary["elapsed_seconds"])))
         self._close()
 
     def _summary(self, status: str, reason: str) -> dict[str, Any]:

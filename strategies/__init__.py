@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -195,7 +196,21 @@ def build_strategy(run_config: dict[str, Any]) -> ValidatedStrategy:
     if name not in STRATEGIES:
         raise StrategyError(f"Unknown strategy {name!r}; choose one of: {', '.join(STRATEGIES)}.")
     builder, _ = STRATEGIES[name]
-    return builder(run_config)
+    flower_logger = logging.getLogger("flwr")
+    flower_logger.addFilter(_skip_evaluation_notice)
+    try:
+        return builder(run_config)
+    finally:
+        flower_logger.removeFilter(_skip_evaluation_notice)
+
+
+def _skip_evaluation_notice(record: logging.LogRecord) -> bool:
+    """Drop Flower's warning that fraction_evaluate = 0 skips federated evaluation.
+
+    Experiments that evaluate on the server (the fairness presets) set fraction-evaluate
+    to 0 on purpose, and the run's central evaluation is reported every round.
+    """
+    return "fraction_evaluate is set to 0.0" not in record.getMessage()
 
 
 __all__ = [

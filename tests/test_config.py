@@ -108,3 +108,25 @@ def test_strategy_keys_name_real_keys_and_strategies():
     for key, strategies in STRATEGY_KEYS.items():
         assert key in DEFAULTS, key
         assert set(strategies) <= set(STRATEGIES), key
+
+
+def test_building_strategy_omits_skipped_evaluation_warning():
+    import logging
+
+    from strategies import build_strategy
+
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler = Collect(level=logging.DEBUG)
+    flower_logger = logging.getLogger("flwr")
+    flower_logger.addHandler(handler)
+    try:
+        build_strategy(resolve_run_config("fair-cps1988", {"strategy": "fedavg"}))
+    finally:
+        flower_logger.removeHandler(handler)
+
+    assert not [message for message in messages if "fraction_evaluate" in message]

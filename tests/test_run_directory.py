@@ -95,6 +95,32 @@ def test_failed_run_exits_nonzero_with_reason(tmp_path, capsys):
     assert "lenet5" in summary["reason"]
 
 
+def test_run_ended_by_signal_is_recorded_as_stopped(digits_config, monkeypatch):
+    """A run that Flower ends with SystemExit (its SIGTERM handler, as `flwr stop` triggers) is stopped, not failed."""
+    from server import app as server_app
+
+    config = digits_config(**{"num-server-rounds": 2})
+    real_evaluate = server_app.CentralEvaluation.__call__
+
+    def stop_in_round_one(self, server_round, arrays):
+        if server_round == 1:
+            raise SystemExit(0)
+        return real_evaluate(self, server_round, arrays)
+
+    monkeypatch.setattr(server_app.CentralEvaluation, "__call__", stop_in_round_one)
+
+    try:
+        run_inprocess(config)
+    except SystemExit:
+        pass
+
+    summary = json.loads((Path(config["out-dir"]) / "summary.json").read_text())
+    assert summary["status"] == "stopped"
+    assert "round 1" in summary["reason"]
+    finished = read_events(Path(config["out-dir"]) / "events.jsonl")[-1]
+    assert finished.run_finished.status == "stopped"
+
+
 def test_unknown_dataset_fails_before_training(tmp_path, capsys):
     code = main(["simulate", "digits-fedavg", "--set", "dataset=cifar1000", "--out", str(tmp_path / "x")])
     assert code != 0
