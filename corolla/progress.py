@@ -38,13 +38,18 @@ class ProgressDisplay:
         while True:
             stopping = self._stop.is_set()
             if self.events_path.is_file():
+                if self.events_path.stat().st_size < position:
+                    position = 0  # The file was replaced by a new run's, so read it from the start.
                 with open(self.events_path, encoding="utf-8") as stream:
                     stream.seek(position)
                     while line := stream.readline():
                         if not line.endswith("\n"):
                             break
                         position = stream.tell()
-                        event = json_format.Parse(line, events_pb2.RunEvent())
+                        try:
+                            event = json_format.Parse(line, events_pb2.RunEvent())
+                        except json_format.ParseError:
+                            continue  # Only the display misses this line; the file keeps it.
                         if event.WhichOneof("event") == "round_metrics":
                             self._print_round(event.round, event.round_metrics)
             if stopping:

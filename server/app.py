@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,52 @@ class CentralEvaluation:
         return MetricRecord(central)
 
 
+class NodeWaitTimeoutError(RuntimeError):
+    """Raised when fewer nodes than the run needs stay connected for longer than ``node-wait-timeout``."""
+
+
+class LimitedWaitGrid:
+    """A grid that ends the run when too few nodes stay connected for too long.
+
+    Flower's strategies wait in a loop, without a time limit, until ``min_available_nodes``
+    nodes are connected. A SuperNode that exits mid-run therefore leaves the run waiting
+    forever. This wrapper counts how long ``get_node_ids`` has returned fewer than
+    ``required`` nodes without a break, and raises NodeWaitTimeoutError once that exceeds
+    ``timeout`` seconds (0 disables the limit). Everything else goes to the wrapped grid.
+    """
+
+    def __init__(self, grid: Grid, required: int, timeout: float) -> None:
+        self._grid = grid
+        self._required = required
+        self._timeout = timeout
+        self._short_since: float | None = None
+
+    def get_node_ids(self) -> list[int]:
+        node_ids = list(self._grid.get_node_ids())
+        if len(node_ids) >= self._required or self._timeout <= 0:
+            self._short_since = None
+            return node_ids
+        now = time.monotonic()
+        if self._short_since is None:
+            self._short_since = now
+            logger.warning(
+                "%d of the %d nodes the run needs (num-clients) are connected; waiting up to %g s.",
+                len(node_ids),
+                self._required,
+                self._timeout,
+            )
+        elif now - self._short_since > self._timeout:
+            raise NodeWaitTimeoutError(
+                f"Only {len(node_ids)} of the {self._required} nodes the run needs (num-clients) were connected "
+                f"for {self._timeout:g} s. Start the missing SuperNodes, lower num-clients, or raise "
+                "node-wait-timeout (0 waits forever)."
+            )
+        return node_ids
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
 def run_server(grid: Grid, context: Context) -> dict[str, Any]:
     """Run one experiment on ``grid`` and return its summary."""
     run_config = resolve_run_config(None, dict(context.run_config))
@@ -90,15 +137,21 @@ def run_server(grid: Grid, context: Context) -> dict[str, Any]:
         extensions = build_extensions(run_config, dataset)
         evaluation = CentralEvaluation(run_config, dataset, strategy, recorder, extensions)
         initial = build_run_model(run_config, dataset.input_shape, dataset.num_classes, seed=seed)
+        num_rounds = int(run_config["num-server-rounds"])
         strategy.start(
-            grid=grid,
+            grid=LimitedWaitGrid(grid, int(run_config["num-clients"]), float(run_config["node-wait-timeout"])),
             initial_arrays=ArrayRecord(initial.state_dict()),
-            num_rounds=int(run_config["num-server-rounds"]),
+            num_rounds=num_rounds,
             train_config=ConfigRecord(),
             evaluate_config=ConfigRecord(),
             evaluate_fn=evaluation,
         )
 
+        if not any(entry["accepted"] for entry in recorder.rounds if entry["round"] > 0):
+            raise RuntimeError(
+                f"No training reply was accepted in any of the {num_rounds} rounds, so the model never trained. "
+                f"First rejection: {recorder.first_rejection or 'none recorded (no node replied)'}."
+            )
         last_arrays = evaluation.latest_arrays
         output = strategy.output_arrays(last_arrays)
         extra: dict[str, Any] = {}

@@ -11,19 +11,19 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
-from server.results import EVENTS_FILE, read_events  # noqa: E402
+from server.results import EVENTS_FILE, client_key, client_sort_key, read_events  # noqa: E402
 
 
-def client_accuracy_by_round(run_dir: Path) -> dict[int, dict[int, float]]:
-    """Return ``{partition id: {round: federated-evaluation accuracy}}`` from the events."""
-    series: dict[int, dict[int, float]] = defaultdict(dict)
+def client_accuracy_by_round(run_dir: Path) -> dict[str, dict[int, float]]:
+    """Return ``{client key: {round: federated-evaluation accuracy}}`` from the events (see ``client_key``)."""
+    series: dict[str, dict[int, float]] = defaultdict(dict)
     for event in read_events(run_dir / EVENTS_FILE):
         if event.WhichOneof("event") != "client_result":
             continue
         result = event.client_result
         if result.phase == "evaluate" and "eval-accuracy" in result.metrics:
-            series[result.partition_id][event.round] = result.metrics["eval-accuracy"]
-    return dict(series)
+            series[client_key(result.partition_id, result.node_id)][event.round] = result.metrics["eval-accuracy"]
+    return {key: series[key] for key in sorted(series, key=client_sort_key)}
 
 
 def plot_run(run_dir: Path, summary: dict[str, Any]) -> list[Path]:
@@ -57,8 +57,8 @@ def plot_run(run_dir: Path, summary: dict[str, Any]) -> list[Path]:
     per_client = client_accuracy_by_round(run_dir)
     if per_client:
         figure, axis = plt.subplots(figsize=(7, 4))
-        for partition, series in sorted(per_client.items()):
-            axis.plot(list(series), list(series.values()), marker=".", label=f"client {partition}")
+        for key, series in per_client.items():
+            axis.plot(list(series), list(series.values()), marker=".", label=f"client {key}")
         axis.set(xlabel="round", ylabel="accuracy on the client's test split", title="per-client accuracy")
         axis.grid(alpha=0.3)
         axis.legend(fontsize="small", ncol=2)

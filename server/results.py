@@ -60,16 +60,37 @@ def _weighted_means(records: list, phase: str) -> dict[str, float]:
     return means
 
 
+def client_key(partition_id: int, node_id: int) -> str:
+    """Return the name under which a client's results are kept: its partition id, or ``node-<id>``.
+
+    A node that serves its own data directory has no partition (partition id -1), so its
+    node id tells it apart from other such nodes.
+    """
+    return str(partition_id) if partition_id >= 0 else f"node-{node_id}"
+
+
+def client_sort_key(key: str) -> tuple[int, int, str]:
+    """Order client keys with partition ids first, numerically, then node keys."""
+    return (0, int(key), "") if key.isdigit() else (1, 0, key)
+
+
 class RunRecorder:
     """Write one run's directory as the run goes."""
 
     def __init__(self, out_dir: Path, run_config: dict[str, Any]) -> None:
         self.out_dir = Path(out_dir).resolve()
+        existing = [name for name in (EVENTS_FILE, SUMMARY_FILE) if (self.out_dir / name).exists()]
+        if existing:
+            raise FileExistsError(
+                f"Run directory {self.out_dir} already contains a run ({', '.join(existing)}); "
+                "choose another out-dir so that its results are kept."
+            )
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.run_config = dict(run_config)
         self.started = time.time()
         self.rounds: list[dict[str, Any]] = []
-        self.last_clients: dict[int, dict[str, Any]] = {}
+        self.last_clients: dict[str, dict[str, Any]] = {}
+        self.first_rejection = ""
         self.finished = False
 
         (self.out_dir / "config.toml").write_text(tomli_w.dumps(self.run_config), encoding="utf-8")
@@ -111,7 +132,7 @@ class RunRecorder:
                     ),
                 )
             )
-            client = self.last_clients.setdefault(record.partition_id, {})
+            client = self.last_clients.setdefault(client_key(record.partition_id, record.node_id), {})
             client[f"{record.phase}-num-examples"] = record.num_examples
             client.update(record.metrics)
         for rejection in report.rejections:
@@ -126,6 +147,11 @@ class RunRecorder:
                     ),
                 )
             )
+            if not self.first_rejection:
+                self.first_rejection = (
+                    f"round {server_round}, {rejection.phase} reply of node {rejection.node_id} "
+                    f"(partition {rejection.partition_id}): {rejection.reason}"
+                )
 
         elapsed = time.time() - self.started
         metrics = events_pb2.RoundMetrics(
@@ -210,7 +236,7 @@ class RunRecorder:
             "reason": reason,
             "rounds": len([entry for entry in self.rounds if entry["round"] > 0]),
             "final": final,
-            "clients": {str(partition): values for partition, values in sorted(self.last_clients.items())},
+            "clients": {key: self.last_clients[key] for key in sorted(self.last_clients, key=client_sort_key)},
             "communication": {
                 "bytes_sent": sum(entry["bytes_sent"] for entry in self.rounds),
                 "bytes_received": sum(entry["bytes_received"] for entry in self.rounds),

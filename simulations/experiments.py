@@ -85,6 +85,7 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
     ConfigKey("transfer-loss-examples", 10000, "Source training examples on which the global training loss is computed each round; 0 uses all."),
     ConfigKey("extensions", "", "Comma-separated run extensions (extra evaluations), such as fairness."),
     ConfigKey("client-threads", 1, "torch intra-op threads per client; 0 keeps torch's default. One thread avoids oversubscribed cores when several clients or runs share a machine."),
+    ConfigKey("node-wait-timeout", 600.0, "Seconds the server waits for num-clients nodes to be connected before a round; the run fails after that. 0 waits forever."),
     ConfigKey("out-dir", "", "Run directory (absolute); empty writes runs/<time>-<experiment> under the working directory."),
 )
 
@@ -335,6 +336,7 @@ def validate_run_config(config: dict[str, Any]) -> None:
         ("transfer-patience", config["transfer-patience"] >= 0, "must be 0 (never stop) or positive"),
         ("transfer-loss-examples", config["transfer-loss-examples"] >= 0, "must be 0 (all) or positive"),
         ("client-threads", config["client-threads"] >= 0, "must be 0 (torch default) or positive"),
+        ("node-wait-timeout", config["node-wait-timeout"] >= 0.0, "must be 0 (wait forever) or positive"),
         ("seed", 0 <= config["seed"] <= _MAX_SEED, f"must be in [0, {_MAX_SEED}]: torch's CPU generator keeps only a seed's lowest 32 bits, so larger seeds repeat smaller ones"),
     )
     for key, valid, requirement in checks:

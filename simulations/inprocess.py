@@ -129,12 +129,15 @@ def run_inprocess(
     run_config: dict[str, Any],
     server_app: ServerApp | None = None,
     client_app: ClientApp | None = None,
+    num_nodes: int | None = None,
 ) -> dict[str, Any]:
     """Run one experiment in this process and return its ``summary.json`` content.
 
     ``run_config`` must be resolved and carry an absolute ``out-dir``. The
     ServerApp and ClientApp default to Corolla's own ``server.app.app`` and
     ``client.app.app``, the objects Flower loads from the app's pyproject.toml.
+    ``num_nodes`` is the number of simulated nodes, ``num-clients`` by default;
+    fewer nodes behave like SuperNodes that never connected.
     """
     if server_app is None:
         from server.app import app as server_app
@@ -145,7 +148,8 @@ def run_inprocess(
         raise ValueError(f"out-dir = {str(out_dir)!r} must be an absolute path.")
 
     run_id = 1
-    grid = InProcessGrid(client_app, run_config, int(run_config["num-clients"]), run_id=run_id)
+    num_nodes = int(run_config["num-clients"]) if num_nodes is None else num_nodes
+    grid = InProcessGrid(client_app, run_config, num_nodes, run_id=run_id)
     context = Context(run_id=run_id, node_id=SERVER_NODE_ID, node_config={}, state=RecordDict(), run_config=dict(run_config))
     previous = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SERVER_NODE_ID

@@ -122,8 +122,18 @@ def test_missing_array_is_rejected(digits_config):
     assert "missing arrays ['classifier.bias']" in rejections(run_dir)[0].reason
 
 
+def run_all_rejected(digits_config) -> Path:
+    """Run 2 rounds in which every client reports num-examples = 0; return the run directory."""
+    config = digits_config(**{"num-clients": 3, "num-server-rounds": 2})
+    corrupt = client_app_with(lambda partition, reply: set_metric(reply, "num-examples", 0))
+    with pytest.raises(RuntimeError, match="No training reply was accepted in any of the 2 rounds"):
+        run_inprocess(config, client_app=corrupt)
+    return Path(config["out-dir"])
+
+
 def test_all_zero_example_counts_keep_previous_model(digits_config):
-    summary, run_dir = run(digits_config, lambda partition, reply: set_metric(reply, "num-examples", 0))
+    run_dir = run_all_rejected(digits_config)
+    summary = json.loads((run_dir / "summary.json").read_text())
 
     rejected = rejections(run_dir)
     assert len(rejected) == 6
@@ -131,16 +141,16 @@ def test_all_zero_example_counts_keep_previous_model(digits_config):
     assert all(entry["kept_previous_model"] for entry in summary["history"][1:])
     initial_accuracy = summary["history"][0]["central"]["accuracy"]
     assert summary["final"]["accuracy"] == initial_accuracy
-    assert summary["status"] == "completed"
 
 
-def test_all_rejected_final_model_is_initial_model(digits_config):
-    summary, run_dir = run(digits_config, lambda partition, reply: set_metric(reply, "num-examples", 0))
-    final = torch.load(run_dir / "final_model.pt")
-    checkpoint = torch.load(run_dir / "checkpoint.pt")
-    assert set(final) == {"features.1.weight", "features.1.bias", "classifier.weight", "classifier.bias"}
-    for key, tensor in final.items():
-        assert torch.equal(tensor, checkpoint["model"][key])
+def test_run_with_no_accepted_reply_fails_with_reason(digits_config):
+    run_dir = run_all_rejected(digits_config)
+    summary = json.loads((run_dir / "summary.json").read_text())
+
+    assert summary["status"] == "failed"
+    assert "round 1, train reply of node" in summary["reason"]
+    assert "num-examples must be positive, got 0" in summary["reason"]
+    assert not (run_dir / "final_model.pt").exists()
 
 
 def test_client_exception_is_rejected_with_its_message(digits_config):

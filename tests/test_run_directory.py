@@ -6,6 +6,7 @@ import json
 import tomllib
 from pathlib import Path
 
+import pytest
 import torch
 
 from corolla.cli import main
@@ -119,6 +120,55 @@ def test_run_ended_by_signal_is_recorded_as_stopped(digits_config, monkeypatch):
     assert "round 1" in summary["reason"]
     finished = read_events(Path(config["out-dir"]) / "events.jsonl")[-1]
     assert finished.run_finished.status == "stopped"
+
+
+def test_missing_nodes_fail_run_after_wait_limit(digits_config):
+    from server.app import NodeWaitTimeoutError
+
+    config = digits_config(**{"num-clients": 3, "num-server-rounds": 1, "node-wait-timeout": 1.0})
+
+    with pytest.raises(NodeWaitTimeoutError, match="Only 2 of the 3 nodes"):
+        run_inprocess(config, num_nodes=2)
+
+    summary = json.loads((Path(config["out-dir"]) / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert "raise node-wait-timeout" in summary["reason"]
+
+
+def test_second_run_into_same_directory_is_rejected(digits_config):
+    config = digits_config(**{"num-server-rounds": 1})
+    first = run_inprocess(config)
+
+    with pytest.raises(FileExistsError, match="already contains a run"):
+        run_inprocess(config)
+
+    summary = json.loads((Path(config["out-dir"]) / "summary.json").read_text())
+    assert summary == first
+
+
+def test_data_directory_nodes_keep_separate_results(tmp_path):
+    from server.results import RunRecorder
+    from simulations.experiments import resolve_run_config
+    from strategies import ClientRecord, RoundReport
+
+    config = resolve_run_config("digits-fedavg", {"out-dir": str(tmp_path / "run")})
+    recorder = RunRecorder(tmp_path / "run", config)
+    report = RoundReport(
+        1,
+        client_results=[
+            ClientRecord("train", 11, -1, 10, {"train-loss": 0.5}),
+            ClientRecord("train", 12, -1, 20, {"train-loss": 0.7}),
+            ClientRecord("train", 13, 0, 30, {"train-loss": 0.9}),
+        ],
+        accepted_train_replies=3,
+    )
+    recorder.record_round(1, {"accuracy": 0.5, "loss": 1.0}, report)
+    recorder.fail("stopped by the test")
+
+    clients = json.loads((tmp_path / "run" / "summary.json").read_text())["clients"]
+    assert list(clients) == ["0", "node-11", "node-12"]
+    assert clients["node-11"]["train-loss"] == 0.5
+    assert clients["node-12"]["train-loss"] == 0.7
 
 
 def test_unknown_dataset_fails_before_training(tmp_path, capsys):
