@@ -9,9 +9,12 @@ authentication, signs its requests with the node's private key.
 
 from __future__ import annotations
 
+import ipaddress
+import math
 import socket
 from pathlib import Path
 
+from server.launch import flower_executable
 from simulations.flower_run_config import format_run_config
 
 # In Flower 1.42 a SuperNode serves the runtime API that its ClientApp processes
@@ -87,7 +90,7 @@ def supernode_command(
     runtime_host: str = "127.0.0.1",
     max_retries: int | None = None,
     max_wait_time: float | None = None,
-    executable: str = "flower-supernode",
+    executable: str | None = None,
 ) -> list[str]:
     """Build the ``flower-supernode`` command for one node.
 
@@ -98,16 +101,24 @@ def supernode_command(
     ClientApp processes call; two SuperNodes on one machine need two ports.
     Flower 1.42's SuperNode never installs app dependencies unless
     ``--allow-runtime-dependency-installation`` is given, and this command never gives it.
+    ``max_retries`` and ``max_wait_time`` (seconds) limit how long the node retries
+    a SuperLink it cannot reach before it exits with an error; without them it
+    retries forever. ``executable`` defaults to :func:`flower_executable`'s
+    ``flower-supernode``.
     """
     if not (1 <= runtime_port <= 65535):
         raise ValueError(f"Invalid runtime port {runtime_port}: it must be in 1..65535.")
-    _check_server_address(server)
+    check_server_address(server)
+    if max_retries is not None and max_retries < 0:
+        raise ValueError(f"Invalid max_retries = {max_retries}: it must be 0 or more.")
+    if max_wait_time is not None and not (math.isfinite(max_wait_time) and max_wait_time > 0):
+        raise ValueError(f"Invalid max_wait_time = {max_wait_time}: it must be a positive number of seconds.")
     root_certificates = Path(root_certificates).expanduser().resolve()
     if not root_certificates.is_file():
         raise FileNotFoundError(f"CA certificate {root_certificates} not found; copy ca.crt from the server's certificate directory.")
 
     command = [
-        executable,
+        executable or flower_executable("flower-supernode"),
         "--superlink", server,
         "--root-certificates", str(root_certificates),
     ]
@@ -128,10 +139,35 @@ def supernode_command(
     return command
 
 
-def _check_server_address(server: str) -> None:
+def check_server_address(server: str) -> None:
+    """Raise ValueError unless ``server`` is a SuperLink address ``HOST:PORT`` as Flower reads it.
+
+    An IPv6 host needs brackets, as in ``[::1]:8000``, and the address has no
+    scheme, because the SuperNode always connects over TLS.
+    """
+    example = "for example 127.0.0.1:8000 or [::1]:8000"
+    if "://" in server:
+        without_scheme = server.split("://", 1)[1]
+        try:
+            check_server_address(without_scheme)
+            suggestion = f"here {without_scheme!r}"
+        except ValueError:
+            suggestion = example
+        raise ValueError(f"Invalid SuperLink address {server!r}: give HOST:PORT without a scheme, {suggestion}.")
     host, separator, port = server.rpartition(":")
     if not separator or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"Invalid SuperLink address {server!r}: expected HOST:PORT with a port in 1..65535, {example}.")
+    if host.startswith("[") or host.endswith("]"):
+        inner = host[1:-1] if host.startswith("[") and host.endswith("]") else ""
+        try:
+            ipaddress.IPv6Address(inner)
+        except ValueError:
+            raise ValueError(
+                f"Invalid SuperLink address {server!r}: brackets must contain an IPv6 address, {example}."
+            ) from None
+    elif ":" in host:
         raise ValueError(
-            f"Invalid SuperLink address {server!r}: expected HOST:PORT, for example "
-            "127.0.0.1:8000 or [::1]:8000, without https://."
+            f"Invalid SuperLink address {server!r}: put an IPv6 address in brackets, here [{host}]:{port}."
         )
+    elif any(character.isspace() for character in host):
+        raise ValueError(f"Invalid SuperLink address {server!r}: the host contains white space; give HOST:PORT, {example}.")

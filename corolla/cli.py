@@ -12,25 +12,14 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from corolla.deploy_cli import add_deploy_commands, find_app_directory
 from corolla.progress import ProgressDisplay
-from simulations.experiments import CONFIG_KEYS, EXPERIMENTS, ConfigError, parse_override, resolve_run_config
+from simulations.experiments import CONFIG_KEYS, EXPERIMENTS, ConfigError, check_run_config, parse_overrides, resolve_run_config
 
 logger = logging.getLogger(__name__)
 
 ENGINES = ("inprocess", "ray")
-
-
-def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    overrides: dict[str, Any] = {}
-    for pair in pairs:
-        key, value = parse_override(pair)
-        if key in overrides:
-            raise ConfigError(f"--set {key} is given twice ({overrides[key]!r} and {value!r}); keep one of them.")
-        overrides[key] = value
-    return overrides
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -58,11 +47,10 @@ def _check_run_directory(out_dir: Path) -> None:
 def simulate(args: argparse.Namespace) -> int:
     """Run an experiment on one machine with the chosen engine."""
     from server.results import default_run_directory
-    from strategies import check_keys_take_effect
 
-    overrides = _parse_overrides(args.set)
+    overrides = parse_overrides(args.set)
     run_config = resolve_run_config(args.experiment, overrides)
-    check_keys_take_effect(str(run_config["strategy"]), overrides)
+    check_run_config(run_config, list(overrides))
     out_dir = Path(args.out).resolve() if args.out else default_run_directory(args.experiment)
     _check_run_directory(out_dir)
     run_config["out-dir"] = str(out_dir)
@@ -136,7 +124,7 @@ def sweep(args: argparse.Namespace) -> int:
 
     entries = parse_entries(args.strategies)
     seeds = parse_seeds(args.seeds)
-    overrides = _parse_overrides(args.set)
+    overrides = parse_overrides(args.set)
     out_dir = Path(args.out) if args.out else Path.cwd() / "runs" / "sweeps" / args.experiment
     command = " ".join(["corolla", "sweep", args.experiment, "--strategies", args.strategies, "--seeds", args.seeds])
     command += "".join(f" --set {pair}" for pair in args.set)

@@ -8,8 +8,8 @@ A federation is set up in four steps, on Flower 1.42:
 1. ``corolla certs --out certs --nodes 2`` writes a CA, the SuperLink's TLS
    certificate and one key pair per node (``node-0``, ``node-1``).
 2. ``corolla server --certs certs`` starts a SuperLink with TLS and SuperNode
-   authentication, and stores a SuperLink connection (default name
-   ``corolla``) in ``$FLWR_HOME/config.toml``.
+   authentication and, once it responds, stores a SuperLink connection
+   (default name ``corolla``) in ``$FLWR_HOME/config.toml``.
 3. Each node's public key is registered with the running SuperLink, from any
    machine that has this connection: ``flwr supernode register certs/node-0.pub corolla``.
    The SuperLink accepts no SuperNode before its key is registered, and without
@@ -23,13 +23,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import signal
 import subprocess
 import sys
+import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from client.launch import DEFAULT_RUNTIME_PORT, find_free_port, parse_partition, supernode_command
 from corolla.progress import ProgressDisplay
@@ -38,23 +41,39 @@ from server.launch import (
     DEFAULT_SERVER_HOSTS,
     DEFAULT_SUPERLINK_PORT,
     FlowerCommandError,
+    certificate_paths,
+    check_bind_address,
+    check_connection_name,
+    check_superlink_certificate,
     fetch_run_log,
     find_certificates,
     flower_environment,
+    flower_executable,
+    flwr_home,
+    remove_stale_node_keys,
     submit_run,
     superlink_address,
     superlink_command,
+    superlink_host,
+    superlink_is_healthy,
+    validate_server_hosts,
     wait_for_run,
     write_certificates,
     write_connection,
 )
-from simulations.experiments import EXPERIMENTS, parse_override, resolve_run_config
+from simulations.experiments import EXPERIMENTS, ConfigError, check_run_config, parse_overrides, resolve_run_config
 
 # Exit codes of `corolla run` besides 0 (completed) and 2 (invalid arguments).
 EXIT_RUN_FAILED = 1
 EXIT_RUN_TIMED_OUT = 3
 
 _LOG_LINES_ON_FAILURE = 40
+
+# A SuperNode that cannot reach its SuperLink for this long exits with an error.
+DEFAULT_MAX_WAIT_TIME_S = 600.0
+# `corolla server` prints a notice when the SuperLink has not responded to /health after this long.
+_HEALTH_NOTICE_AFTER_S = 30.0
+_HEALTH_POLL_INTERVAL_S = 0.5
 
 
 def add_deploy_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -71,6 +90,17 @@ def add_deploy_commands(subparsers: argparse._SubParsersAction) -> None:
 def print_command(command: Sequence[str]) -> None:
     """Print a command as a copyable shell line, prefixed with ``$``."""
     print(f"$ {shlex.join(command)}", flush=True)
+
+
+def positive_seconds(text: str) -> float:
+    """Parse an argparse value that must be a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a number of seconds, for example 600") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: give a positive, finite number of seconds")
+    return value
 
 
 # ---------------------------------------------------------------------------
@@ -106,16 +136,35 @@ def _add_certs_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_certs_command(args: argparse.Namespace) -> int:
-    """Write the certificates and node keys, then print each file written."""
+    """Write the certificates and node keys, then print each file written.
+
+    Every host and node name is checked before any file is written. With
+    ``--overwrite``, ``node-N`` key pairs that the new set does not include are deleted.
+    """
     if args.nodes is not None:
         if args.nodes < 1:
             raise ValueError(f"Invalid --nodes {args.nodes}: give at least 1.")
         node_names = [f"node-{index}" for index in range(args.nodes)]
     else:
         node_names = list(args.node)
-    hosts = tuple(args.server_host) if args.server_host else DEFAULT_SERVER_HOSTS
+    hosts = tuple(args.server_host) if args.server_host is not None else DEFAULT_SERVER_HOSTS
+    validate_server_hosts(hosts)
+    _check_certificate_directory(args.out, node_names, args.overwrite)
 
-    paths = write_certificates(args.out, node_names, hosts, overwrite=args.overwrite)
+    try:
+        paths = write_certificates(args.out, node_names, hosts, overwrite=args.overwrite)
+    except FileExistsError as error:
+        raise ValueError(str(error)) from None
+    except NotADirectoryError as error:
+        raise ValueError(
+            f"Invalid --out {args.out}: part of {error.filename} is a file, not a directory; choose another --out."
+        ) from None
+    except PermissionError as error:
+        raise ValueError(
+            f"Cannot write {error.filename}: permission denied. Choose another --out, "
+            "or change the permissions of that directory."
+        ) from None
+    removed = remove_stale_node_keys(paths) if args.overwrite else []
 
     print(f"Wrote to {paths.directory}:")
     print(f"  {paths.ca_certificate.name:<14} CA certificate: give it to every node and `flwr` user")
@@ -125,7 +174,34 @@ def run_certs_command(args: argparse.Namespace) -> int:
     for node in paths.nodes:
         print(f"  {node.private_key.name:<14} private key of {node.name}: give it to that node only")
         print(f"  {node.public_key.name:<14} public key of {node.name}: register it with `flwr supernode register`")
+    if removed:
+        print(f"Removed key files of nodes that this set does not include: {', '.join(path.name for path in removed)}")
+    current = {node.public_key.name for node in paths.nodes}
+    others = sorted(path.name for path in paths.directory.glob("*.pub") if path.name not in current)
+    if others:
+        print(
+            f"Kept other public keys: {', '.join(others)}. `corolla server` lists every NAME.pub in "
+            "this directory, so delete those that no node uses."
+        )
     return 0
+
+
+def _check_certificate_directory(out_dir: Path, node_names: Sequence[str], overwrite: bool) -> None:
+    """Raise ValueError when ``out_dir`` cannot be a directory, or contains files to write and ``overwrite`` is false."""
+    existing = next(path for path in (out_dir, *out_dir.parents) if path.exists())
+    if not existing.is_dir():
+        raise ValueError(f"Invalid --out {out_dir}: {existing} is a file, not a directory; choose another --out.")
+    if overwrite or existing != out_dir:
+        return
+    paths = certificate_paths(out_dir, node_names)
+    targets = [paths.ca_certificate, paths.ca_key, paths.server_certificate, paths.server_key]
+    targets += [path for node in paths.nodes for path in (node.private_key, node.public_key)]
+    found = [path.name for path in targets if path.exists()]
+    if found:
+        raise ValueError(
+            f"{out_dir} already has {', '.join(found)}. Choose another --out, or pass --overwrite "
+            "to replace them (every node then needs the new ca.crt and a newly registered key)."
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -175,19 +251,58 @@ def _add_server_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_server_command(args: argparse.Namespace) -> int:
-    """Write the connection, print the registration commands and run the SuperLink until it exits."""
-    certificates = find_certificates(args.certs)
-    command = superlink_command(certificates, host=args.host, port=args.port, database=args.database)
+    """Check the setup, run the SuperLink until it exits, and write the connection once it is up.
 
+    The connection is written only after the SuperLink responds to ``/health``, so a
+    SuperLink that fails to start leaves an existing connection of that name unchanged.
+    """
+    certificates = find_certificates(args.certs)
+    check_connection_name(args.connection)
+    check_superlink_certificate(certificates, superlink_host(args.host))
+    check_bind_address(args.host, args.port)
+    command = superlink_command(certificates, host=args.host, port=args.port, database=args.database)
     address = superlink_address(args.host, args.port)
-    config_path = write_connection(args.connection, address, certificates.ca_certificate)
-    print(f"SuperLink connection {args.connection!r} ({address}) written to {config_path}")
-    if certificates.nodes:
-        print("Register the nodes' public keys once the SuperLink is up:")
-        for node in certificates.nodes:
-            print(f"  {shlex.join(['flwr', 'supernode', 'register', str(node.public_key), args.connection])}")
+    register_command = [flower_executable("flwr"), "supernode", "register"]
+
+    def on_start(process: subprocess.Popen) -> None:
+        if not _wait_until_healthy(process, address, certificates.ca_certificate):
+            print(
+                f"The SuperLink exited before it responded at https://{address}/health; the connection "
+                f"{args.connection!r} in {flwr_home() / 'config.toml'} was not changed.",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        config_path = write_connection(args.connection, address, certificates.ca_certificate)
+        print(f"SuperLink is up at {address}; connection {args.connection!r} written to {config_path}", flush=True)
+        if certificates.nodes:
+            print("Register the nodes' public keys:")
+            for node in certificates.nodes:
+                print(f"  {shlex.join([*register_command, str(node.public_key), args.connection])}")
+            sys.stdout.flush()
+
     print_command(command)
-    return _run_foreground(command)
+    return _run_foreground(command, on_start)
+
+
+def _wait_until_healthy(process: subprocess.Popen, address: str, root_certificates: Path) -> bool:
+    """Poll the SuperLink's ``/health`` until it responds (True) or the process exits (False)."""
+    started = time.monotonic()
+    notice_printed = False
+    while process.poll() is None:
+        if superlink_is_healthy(address, root_certificates):
+            # Check the process again, because another server could respond on this address.
+            return process.poll() is None
+        if not notice_printed and time.monotonic() - started > _HEALTH_NOTICE_AFTER_S:
+            print(
+                f"The SuperLink has not responded at https://{address}/health for {_HEALTH_NOTICE_AFTER_S:g} s; "
+                "the connection is written once it does.",
+                file=sys.stderr,
+                flush=True,
+            )
+            notice_printed = True
+        time.sleep(_HEALTH_POLL_INTERVAL_S)
+    return False
 
 
 # ---------------------------------------------------------------------------
@@ -225,6 +340,16 @@ def _add_client_command(subparsers: argparse._SubParsersAction) -> None:
             f"nodes on one machine need distinct ports (default: a free port; Flower's own default is {DEFAULT_RUNTIME_PORT})"
         ),
     )
+    parser.add_argument(
+        "--max-wait-time",
+        type=positive_seconds,
+        default=DEFAULT_MAX_WAIT_TIME_S,
+        metavar="SECONDS",
+        help=(
+            "how long the node keeps retrying a SuperLink it cannot reach, when it starts or "
+            f"later, before it exits with an error (default: {DEFAULT_MAX_WAIT_TIME_S:g})"
+        ),
+    )
     parser.set_defaults(handler=run_client_command)
 
 
@@ -232,8 +357,13 @@ def run_client_command(args: argparse.Namespace) -> int:
     """Build the SuperNode command from the arguments and run it until it exits."""
     partition = parse_partition(args.partition) if args.partition is not None else None
     data_dir = args.data
-    if data_dir is not None and not data_dir.is_dir():
-        raise FileNotFoundError(f"Data directory {data_dir} not found.")
+    if data_dir is not None:
+        if data_dir.is_file():
+            raise ValueError(
+                f"Invalid --data {data_dir}: it is a file, not a directory; give the directory that contains the node's dataset files."
+            )
+        if not data_dir.is_dir():
+            raise FileNotFoundError(f"Data directory {data_dir} not found.")
     root_certificates = args.certs / "ca.crt"
     runtime_port = args.runtime_port or find_free_port()
 
@@ -244,6 +374,12 @@ def run_client_command(args: argparse.Namespace) -> int:
         partition,
         data_dir,
         runtime_port=runtime_port,
+        max_wait_time=args.max_wait_time,
+    )
+    print(
+        f"Connecting to the SuperLink at {args.server}; the node exits if it cannot reach it "
+        f"for {args.max_wait_time:g} s (--max-wait-time).",
+        flush=True,
     )
     print_command(command)
     return _run_foreground(command)
@@ -286,7 +422,9 @@ def _add_run_command(subparsers: argparse._SubParsersAction) -> None:
             "(default: runs/<time>-<experiment> under the working directory)"
         ),
     )
-    parser.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS", help="how long to wait for the run (default: 3600)")
+    parser.add_argument(
+        "--timeout", type=positive_seconds, default=3600.0, metavar="SECONDS", help="how long to wait for the run (default: 3600)"
+    )
     parser.add_argument(
         "--app",
         type=Path,
@@ -327,18 +465,42 @@ def _is_flower_app(directory: Path) -> bool:
     return bool(project.get("tool", {}).get("flwr", {}).get("app", {}).get("components"))
 
 
+def check_run_directory_unused(out_dir: Path) -> None:
+    """Raise ConfigError when ``out_dir`` exists here and contains a run, which a new run would overwrite.
+
+    The run directory is on the SuperLink's machine, so only a directory that
+    this machine can see is checked.
+    """
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ConfigError(f"Invalid run directory {out_dir}: it is a file, not a directory; choose another --out.")
+    for name in ("events.jsonl", "summary.json"):
+        if (out_dir / name).exists():
+            raise ConfigError(
+                f"Run directory {out_dir} already contains a run ({name}), which this run would overwrite; "
+                "choose another --out or remove that directory."
+            )
+
+
 def run_run_command(args: argparse.Namespace) -> int:
     """Submit the experiment, wait for the run, and print its status and final accuracy."""
-    overrides = dict(parse_override(pair) for pair in args.set)
+    overrides = parse_overrides(args.set)
     if args.out is not None:
+        if "out-dir" in overrides:
+            raise ConfigError(
+                f"--out {args.out} and --set out-dir={overrides['out-dir']} both set the run directory; keep one of them."
+            )
         overrides["out-dir"] = str(args.out.expanduser().resolve())
     run_config = resolve_run_config(args.experiment, overrides)
+    check_run_config(run_config, [key for key in overrides if key != "out-dir"])
     if not run_config["out-dir"]:
         from server.results import default_run_directory
 
         run_config["out-dir"] = str(default_run_directory(args.experiment))
     elif not Path(str(run_config["out-dir"])).is_absolute():
         run_config["out-dir"] = str(Path(str(run_config["out-dir"])).expanduser().resolve())
+    check_run_directory_unused(Path(str(run_config["out-dir"])))
     app_dir = args.app.resolve() if args.app is not None else find_app_directory()
 
     run_id = submit_run(app_dir, args.superlink, run_config, echo=print_command)
@@ -388,11 +550,15 @@ def _print_run_log_tail(run_id: int, connection: str) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _run_foreground(command: list[str]) -> int:
+def _run_foreground(
+    command: list[str], on_start: Callable[[subprocess.Popen], None] | None = None
+) -> int:
     """Run a Flower server process until it exits, and return its exit code.
 
-    Ctrl-C reaches the child through the terminal's process group, and SIGTERM
-    to this process is passed on. A child still running 10 s after Ctrl-C is killed.
+    ``on_start`` runs with the started process, before the wait. If it raises,
+    the process is stopped and the error propagates. Ctrl-C reaches the child
+    through the terminal's process group, and SIGTERM to this process is passed
+    on. A child still running 10 s after Ctrl-C is killed.
     """
     process = subprocess.Popen(command, env=flower_environment())
 
@@ -401,12 +567,22 @@ def _run_foreground(command: list[str]) -> int:
 
     previous_handler = signal.signal(signal.SIGTERM, forward_sigterm)
     try:
+        if on_start is not None:
+            on_start(process)
         return process.wait()
     except KeyboardInterrupt:
-        try:
-            return process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            return process.wait()
+        return _wait_or_kill(process)
+    except BaseException:
+        process.terminate()
+        _wait_or_kill(process)
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _wait_or_kill(process: subprocess.Popen, timeout: float = 10.0) -> int:
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()

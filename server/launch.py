@@ -15,21 +15,29 @@ where older releases named a federation from ``pyproject.toml``.
 from __future__ import annotations
 
 import datetime
+import errno
 import ipaddress
 import json
 import logging
 import os
 import re
 import shlex
+import shutil
+import socket
+import ssl
 import subprocess
+import sys
+import sysconfig
 import time
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import tomli_w
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -48,6 +56,12 @@ CERTIFICATE_VALIDITY_DAYS = 365
 NODE_KEY_CURVE = ec.SECP384R1
 
 _NODE_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# Names of the key pairs that `corolla certs --nodes N` writes.
+_NUMBERED_NODE_FILE_PATTERN = re.compile(r"node-[0-9]+\.(key|pub)")
+_DNS_LABEL_PATTERN = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?")
+_MAX_DNS_NAME_LENGTH = 253  # RFC 1035, without the trailing dot
+_MAX_DNS_LABEL_LENGTH = 63
+_MAX_COMMON_NAME_LENGTH = 64  # the upper bound of X.509 commonName (RFC 5280)
 # Flower rewrites dotted keys in config.toml, so connection names have no dots.
 _CONNECTION_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 _RESERVED_NAMES = frozenset({"ca", "server"})
@@ -70,6 +84,51 @@ class RunFailedError(RuntimeError):
         detail = f" ({status.details})" if status.details else ""
         super().__init__(f"Run {status.run_id} ended as {status.status}{detail}.")
         self.status = status
+
+
+# ---------------------------------------------------------------------------
+# Flower executables
+# ---------------------------------------------------------------------------
+
+
+def interpreter_script_directories() -> list[Path]:
+    """Return the directories where the running interpreter's environment installs console scripts.
+
+    These are the directory of ``sys.executable`` and sysconfig's ``scripts``
+    path, which are the same ``bin`` directory in a virtual environment.
+    """
+    directories = []
+    if sys.executable:
+        directories.append(Path(sys.executable).parent)
+    directories.append(Path(sysconfig.get_path("scripts")))
+    unique: list[Path] = []
+    for directory in directories:
+        if directory not in unique:
+            unique.append(directory)
+    return unique
+
+
+def flower_executable(name: str) -> str:
+    """Return the path of Flower's console script ``name``, such as ``flwr`` or ``flower-superlink``.
+
+    The script installed next to the running interpreter comes first, so a
+    virtual environment works without being activated. PATH is searched after
+    that. Raises FileNotFoundError when neither has the script.
+    """
+    directories = interpreter_script_directories()
+    for directory in directories:
+        candidate = directory / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        searched = " or ".join(str(directory) for directory in directories)
+        raise FileNotFoundError(
+            f"Flower command `{name}` not found in {searched} or on PATH. "
+            "Run ./install.sh, or activate the virtual environment that has flwr installed "
+            "(source .venv/bin/activate)."
+        )
+    return found
 
 
 # ---------------------------------------------------------------------------
@@ -160,6 +219,77 @@ def validate_node_names(node_names: Sequence[str]) -> None:
         seen.add(name)
 
 
+def validate_server_hosts(hosts: Sequence[str]) -> None:
+    """Raise ValueError unless every host is an IP address or a DNS name, each given once.
+
+    These are the names that the server certificate carries, so every value must
+    be a bare host: no scheme, port, brackets or wildcard. The message names
+    ``--server-host``, the option of ``corolla certs`` that supplies them.
+    """
+    if not hosts:
+        raise ValueError("No --server-host given; give at least one host name or IP address of the SuperLink.")
+    seen: dict[str | ipaddress.IPv4Address | ipaddress.IPv6Address, str] = {}
+    for host in hosts:
+        problem = _server_host_problem(host)
+        if problem is not None:
+            raise ValueError(f"Invalid --server-host {host!r}: {problem}")
+        key = _host_key(host)
+        if key in seen:
+            same = "" if seen[key] == host else f" (the same host as {seen[key]!r})"
+            raise ValueError(f"Duplicate --server-host {host!r}{same}; give each host once.")
+        seen[key] = host
+
+
+def _host_key(host: str) -> str | ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """Return a value that is equal for two spellings of the same host."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return host.lower()  # DNS names are case-insensitive
+
+
+def _server_host_problem(host: str) -> str | None:
+    """Return why ``host`` cannot be a subject alternative name, or None if it can."""
+    if not host:
+        return "the host is empty; give a host name or IP address, for example server.example.org."
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if address is not None:
+        if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
+            return "a certificate cannot name an IPv6 zone; give the address without the %zone suffix."
+        return None
+
+    if "://" in host:
+        return "give the host without a scheme such as https:// and without a port."
+    if host.startswith("["):
+        return "give an IPv6 address without brackets, for example ::1."
+    name, separator, port = host.rpartition(":")
+    if separator and port.isdigit():
+        return f"give the host without a port, here {name!r}; the port is an option of `corolla server`."
+    if "*" in host:
+        return "wildcard names are not supported; give each host name that nodes connect to."
+    if host.endswith("."):
+        return "remove the trailing dot; certificates name hosts without it."
+    if len(host) > _MAX_DNS_NAME_LENGTH:
+        return f"it has {len(host)} characters, more than the {_MAX_DNS_NAME_LENGTH} that a DNS name allows."
+    for label in host.split("."):
+        if len(label) > _MAX_DNS_LABEL_LENGTH:
+            return (
+                f"its label {label!r} has {len(label)} characters, more than the "
+                f"{_MAX_DNS_LABEL_LENGTH} that a DNS label allows."
+            )
+        if not _DNS_LABEL_PATTERN.fullmatch(label):
+            return (
+                "expected an IP address or a DNS name: dot-separated labels of letters, digits and "
+                "hyphens that neither start nor end with a hyphen, for example server.example.org."
+            )
+    if host.rsplit(".", 1)[-1].isdigit():
+        return "it is not a valid IP address, and a DNS name cannot end in an all-digit label."
+    return None
+
+
 def write_certificates(
     out_dir: Path,
     node_names: Sequence[str],
@@ -179,12 +309,12 @@ def write_certificates(
     ``flwr supernode register`` read them. Private keys get file mode 0600.
 
     Raises FileExistsError listing the files that exist unless ``overwrite``
-    is true, and ValueError for an invalid node name or an empty host list.
+    is true, and ValueError for an invalid node name or host (see
+    :func:`validate_server_hosts`). Both are raised before any file is written.
     """
     node_names = list(node_names)
     validate_node_names(node_names)
-    if not server_hosts:
-        raise ValueError("server_hosts is empty; give at least one host name or IP address.")
+    validate_server_hosts(server_hosts)
     if valid_days < 1:
         raise ValueError(f"Invalid valid_days = {valid_days}: it must be at least 1.")
 
@@ -226,6 +356,24 @@ def write_certificates(
         ", ".join(server_hosts), len(paths.nodes), paths.directory,
     )
     return paths
+
+
+def remove_stale_node_keys(paths: CertificatePaths) -> list[Path]:
+    """Delete ``node-N.key`` and ``node-N.pub`` files in ``paths.directory`` that ``paths.nodes`` does not name.
+
+    A set of certificates written again for fewer nodes would otherwise keep
+    the old key pairs, which :func:`find_certificates` then lists. Files with
+    other names are kept. Returns the deleted paths, sorted.
+    """
+    current = {path.name for node in paths.nodes for path in (node.private_key, node.public_key)}
+    removed = []
+    for path in sorted(paths.directory.iterdir()):
+        if _NUMBERED_NODE_FILE_PATTERN.fullmatch(path.name) and path.name not in current and path.is_file():
+            path.unlink()
+            removed.append(path)
+    if removed:
+        logger.info("Removed stale node key files: %s", ", ".join(path.name for path in removed))
+    return removed
 
 
 def write_node_key(node: NodeKeyPaths) -> None:
@@ -293,9 +441,12 @@ def _build_server_certificate(
         except ValueError:
             alt_names.append(x509.DNSName(host))
 
+    # TLS clients check the subject alternative names only, so the common name is a
+    # label. A DNS name may have up to 253 characters, but a common name only 64.
+    common_name = server_hosts[0] if len(server_hosts[0]) <= _MAX_COMMON_NAME_LENGTH else "Corolla SuperLink"
     subject = x509.Name([
         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Corolla"),
-        x509.NameAttribute(NameOID.COMMON_NAME, server_hosts[0]),
+        x509.NameAttribute(NameOID.COMMON_NAME, common_name),
     ])
     ca_public_key = ca_key.public_key()
     return (
@@ -364,7 +515,7 @@ def superlink_command(
     node_auth: bool = True,
     database: Path | None = None,
     log_file: Path | None = None,
-    executable: str = "flower-superlink",
+    executable: str | None = None,
 ) -> list[str]:
     """Build the ``flower-superlink`` command with TLS and SuperNode authentication.
 
@@ -373,10 +524,11 @@ def superlink_command(
     Flower 1.42. Without ``database`` the SuperLink keeps its state, registered
     node keys included, in memory and loses it on exit. Runtime dependency
     installation is always disabled so that Flower never runs ``uv sync`` for the app.
+    ``executable`` defaults to :func:`flower_executable`'s ``flower-superlink``.
     """
     _check_port(port)
     command = [
-        executable,
+        executable or flower_executable("flower-superlink"),
         "--ssl-ca-certfile", str(certificates.ca_certificate),
         "--ssl-certfile", str(certificates.server_certificate),
         "--ssl-keyfile", str(certificates.server_key),
@@ -393,6 +545,21 @@ def superlink_command(
     return command
 
 
+def superlink_host(host: str) -> str:
+    """Return the host that clients on this machine dial for a SuperLink bound to ``host``.
+
+    A bind-all host (0.0.0.0 or ::) becomes its loopback address, as Flower
+    1.42 does for the SuperLink's own SuperExec, and brackets are removed.
+    """
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    if host.startswith("[") and host.endswith("]"):
+        return host[1:-1]
+    return host
+
+
 def superlink_address(host: str, port: int) -> str:
     """Return the ``host:port`` that clients on this machine dial for a SuperLink bound to ``host``.
 
@@ -400,19 +567,190 @@ def superlink_address(host: str, port: int) -> str:
     addresses get brackets.
     """
     _check_port(port)
-    if host in ("0.0.0.0", ""):
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    if ":" in host and not host.startswith("["):
+    host = superlink_host(host)
+    if ":" in host:
         host = f"[{host}]"
     return f"{host}:{port}"
 
 
+def check_superlink_certificate(certificates: CertificatePaths, host: str) -> None:
+    """Raise ValueError unless the SuperLink's certificate and key can serve TLS for ``host``.
+
+    ``host`` is the address that ``flwr`` and the SuperLink's own SuperExec dial
+    (see :func:`superlink_host`). The certificate must load, be signed by
+    ``ca.crt``, name ``host`` among its subject alternative names, and belong to
+    ``server.key``. Without these checks the SuperLink starts, but its SuperExec
+    fails the TLS handshake and every run stays pending.
+    """
+    ca_certificate = _load_certificate_file(certificates.ca_certificate, certificates)
+    certificate = _load_certificate_file(certificates.server_certificate, certificates)
+    try:
+        certificate.verify_directly_issued_by(ca_certificate)
+    except (ValueError, TypeError, InvalidSignature):
+        raise ValueError(
+            f"The SuperLink certificate {certificates.server_certificate} is not signed by the CA certificate "
+            f"{certificates.ca_certificate}, so nodes and `flwr` reject it. Write both again: "
+            f"{_certs_command(certificates, certificate_host_names(certificate))}"
+        ) from None
+
+    names = certificate_host_names(certificate)
+    if not certificate_names_host(names, host):
+        hosts = [host] + [name for name in names if _host_key(name) != _host_key(host)]
+        raise ValueError(
+            f"The SuperLink certificate {certificates.server_certificate} is valid for "
+            f"{', '.join(names) or 'no host'}, but not for {host}, the address that `flwr` and the "
+            "SuperLink's own SuperExec connect to. Write certificates that include it: "
+            f"{_certs_command(certificates, hosts)}, then give every node the new ca.crt "
+            "and register the new public keys."
+        )
+
+    private_key = _load_private_key_file(certificates.server_key, certificates, names)
+    if _public_key_bytes(private_key.public_key()) != _public_key_bytes(certificate.public_key()):
+        raise ValueError(
+            f"The SuperLink private key {certificates.server_key} does not belong to the certificate "
+            f"{certificates.server_certificate}. Write both again: {_certs_command(certificates, names)}"
+        )
+
+
+def certificate_host_names(certificate: x509.Certificate) -> list[str]:
+    """Return the DNS names and IP addresses in a certificate's subject alternative names."""
+    try:
+        extension = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return []
+    names = []
+    for name in extension.value:
+        if isinstance(name, x509.DNSName):
+            names.append(name.value)
+        elif isinstance(name, x509.IPAddress):
+            names.append(str(name.value))
+    return names
+
+
+def certificate_names_host(names: Sequence[str], host: str) -> bool:
+    """Return whether a certificate with subject alternative names ``names`` is valid for ``host``.
+
+    An IP address matches an equal IP address entry, and a DNS name matches an
+    equal DNS entry, ignoring case, or a wildcard entry ``*.rest`` whose
+    ``rest`` equals everything after the host's first label.
+    """
+    key = _host_key(host)
+    if not isinstance(key, str):
+        return any(_host_key(name) == key for name in names)
+    parent = key.partition(".")[2]
+    for name in names:
+        name = name.lower()
+        if name == key or (name.startswith("*.") and parent and name[2:] == parent):
+            return True
+    return False
+
+
+def _load_certificate_file(path: Path, certificates: CertificatePaths) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except ValueError as error:
+        raise ValueError(
+            f"Invalid certificate {path}: it is not a PEM X.509 certificate ({error}). "
+            f"Write the certificates again: {_certs_command(certificates, DEFAULT_SERVER_HOSTS)}"
+        ) from None
+
+
+def _load_private_key_file(path: Path, certificates: CertificatePaths, hosts: Sequence[str]) -> object:
+    try:
+        return serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as error:
+        raise ValueError(
+            f"Invalid SuperLink private key {path}: it is not an unencrypted PEM private key ({error}). "
+            f"Write the certificates again: {_certs_command(certificates, hosts)}"
+        ) from None
+
+
+def _public_key_bytes(public_key: object) -> bytes:
+    return public_key.public_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _certs_command(certificates: CertificatePaths, hosts: Sequence[str]) -> str:
+    """Return the ``corolla certs`` command that writes this directory again for ``hosts``."""
+    command = ["corolla", "certs", "--out", str(certificates.directory), "--overwrite"]
+    names = [node.name for node in certificates.nodes]
+    if names and names == [f"node-{index}" for index in range(len(names))]:
+        command += ["--nodes", str(len(names))]
+    elif names:
+        for name in names:
+            command += ["--node", name]
+    else:
+        command += ["--nodes", "1"]
+    for host in hosts:
+        command += ["--server-host", host]
+    return shlex.join(command)
+
+
+def check_bind_address(host: str, port: int) -> None:
+    """Raise ValueError when this machine cannot listen on ``host``:``port``.
+
+    The check binds a socket and closes it at once, so a port in use or a host
+    that is not an address of this machine is reported before the SuperLink
+    starts. A host name is resolved as the SuperLink resolves it. NOTE: another
+    process may still take the port between this check and the SuperLink's bind.
+    """
+    _check_port(port)
+    bind_host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(bind_host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as error:
+        raise ValueError(
+            f"Invalid --host {host!r}: it does not resolve to an address ({error.strerror}). "
+            "Give an IP address of this machine, or 0.0.0.0 to accept connections on every address."
+        ) from None
+    with socket.socket(family, kind, protocol) as probe:
+        # Connections in TIME_WAIT from an earlier SuperLink do not block a new one.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise ValueError(
+                    f"Port {port} on {host} is already in use, by another SuperLink or another program. "
+                    "Stop that process or choose another --port."
+                ) from None
+            if error.errno == errno.EADDRNOTAVAIL:
+                raise ValueError(
+                    f"Invalid --host {host!r}: it is not an address of this machine. Give one of its "
+                    "addresses, or 0.0.0.0 to accept connections on every address."
+                ) from None
+            raise ValueError(f"Cannot listen on {host} port {port}: {error.strerror}.") from None
+
+
+def superlink_is_healthy(address: str, root_certificates: Path, *, timeout: float = 2.0) -> bool:
+    """Return whether the SuperLink at ``address`` answers ``GET /health`` over TLS.
+
+    The TLS handshake verifies the SuperLink against ``root_certificates`` for
+    the host in ``address``, as ``flwr`` does. Proxy settings in the
+    environment are ignored, because the request goes to the SuperLink itself.
+    """
+    context = ssl.create_default_context(cafile=str(root_certificates))
+    try:
+        response = httpx.get(f"https://{address}/health", verify=context, timeout=timeout, trust_env=False)
+    except httpx.HTTPError:
+        return False
+    return response.is_success
+
+
 def flower_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Return ``base`` (default: ``os.environ``) with Flower's runtime dependency installation disabled."""
+    """Return ``base`` (default: ``os.environ``) set up for Flower's processes.
+
+    Runtime dependency installation is disabled, and the interpreter's script
+    directories come first on PATH, because the SuperLink and SuperNode start
+    ``flower-superexec`` by name and it starts ``flwr-serverapp`` and
+    ``flwr-clientapp`` by name.
+    """
     environment = dict(os.environ if base is None else base)
     environment["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    directories = [str(directory) for directory in interpreter_script_directories()]
+    path_entries = [entry for entry in environment.get("PATH", "").split(os.pathsep) if entry]
+    environment["PATH"] = os.pathsep.join(directories + [entry for entry in path_entries if entry not in directories])
     return environment
 
 
@@ -432,6 +770,15 @@ def flwr_home() -> Path:
     return Path(configured).expanduser() if configured else Path.home() / ".flwr"
 
 
+def check_connection_name(name: str) -> None:
+    """Raise ValueError unless ``name`` can name a SuperLink connection in ``config.toml``."""
+    if not _CONNECTION_NAME_PATTERN.fullmatch(name) or name == "default":
+        raise ValueError(
+            f"Invalid connection name {name!r}: use letters, digits, '_' and '-', "
+            "and not 'default', which Flower reserves."
+        )
+
+
 def write_connection(
     name: str,
     address: str,
@@ -447,11 +794,7 @@ def write_connection(
     must name the connection, as all commands built here do. Returns the path
     of the configuration file.
     """
-    if not _CONNECTION_NAME_PATTERN.fullmatch(name) or name == "default":
-        raise ValueError(
-            f"Invalid connection name {name!r}: use letters, digits, '_' and '-', "
-            "and not 'default', which Flower reserves."
-        )
+    check_connection_name(name)
     root_certificates = Path(root_certificates).resolve()
     if not root_certificates.is_file():
         raise FileNotFoundError(f"CA certificate {root_certificates} not found.")
@@ -477,7 +820,7 @@ def write_connection(
 
 def register_node_command(public_key: Path, connection: str, name: str | None = None) -> list[str]:
     """Build ``flwr supernode register KEY.pub CONNECTION --format json``."""
-    command = ["flwr", "supernode", "register", str(Path(public_key).resolve()), connection]
+    command = [flower_executable("flwr"), "supernode", "register", str(Path(public_key).resolve()), connection]
     if name:
         command += ["--name", name]
     return command + ["--format", "json"]
@@ -533,7 +876,7 @@ def run_config_overrides(
 
 def run_command(app_dir: Path, connection: str, overrides: Mapping[str, bool | int | float | str]) -> list[str]:
     """Build ``flwr run APP_DIR CONNECTION [--run-config ...] --format json``."""
-    command = ["flwr", "run", str(Path(app_dir).resolve()), connection]
+    command = [flower_executable("flwr"), "run", str(Path(app_dir).resolve()), connection]
     command += run_config_options(overrides)
     return command + ["--format", "json"]
 
@@ -583,7 +926,7 @@ class RunStatus:
 
 def status_command(run_id: int, connection: str) -> list[str]:
     """Build ``flwr ls CONNECTION --run-id ID --format json``."""
-    return ["flwr", "ls", connection, "--run-id", str(run_id), "--format", "json"]
+    return [flower_executable("flwr"), "ls", connection, "--run-id", str(run_id), "--format", "json"]
 
 
 def get_run_status(run_id: int, connection: str, *, echo: Echo | None = None, timeout: float = 60.0) -> RunStatus:
@@ -637,7 +980,7 @@ def wait_for_run(
 
 def log_command(run_id: int, connection: str) -> list[str]:
     """Build ``flwr log RUN_ID CONNECTION --show``."""
-    return ["flwr", "log", str(run_id), connection, "--show"]
+    return [flower_executable("flwr"), "log", str(run_id), connection, "--show"]
 
 
 def fetch_run_log(run_id: int, connection: str, *, echo: Echo | None = None, timeout: float = 60.0) -> str:

@@ -8,8 +8,10 @@ single place that merges defaults, a preset and overrides and validates the resu
 
 from __future__ import annotations
 
+import logging
 import math
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -247,6 +249,55 @@ def parse_override(text: str) -> tuple[str, Scalar]:
     if not isinstance(value, (bool, int, float, str)):
         raise ConfigError(f"Invalid value for {key!r}: {raw!r} is not a scalar (bool, int, float or string).")
     return key, value
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """Parse ``--set KEY=VALUE`` pairs, raising ConfigError for a key given twice."""
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, value = parse_override(pair)
+        if key in overrides:
+            raise ConfigError(f"--set {key} is given twice ({overrides[key]!r} and {value!r}); keep one of them.")
+        overrides[key] = value
+    return overrides
+
+
+def check_component_names(config: dict[str, Any]) -> None:
+    """Raise ConfigError unless the dataset, model, partitioner and extensions of ``config`` exist."""
+    from client.models import MODELS
+    from server.extensions import EXTENSIONS
+    from simulations.datasets import DATASETS
+    from simulations.partition import PARTITIONERS
+
+    for key, known in (("dataset", DATASETS), ("model", MODELS), ("partition", PARTITIONERS)):
+        if config[key] not in known:
+            raise ConfigError(f"Unknown {key} {config[key]!r}; choose one of: {', '.join(known)}.")
+    for name in str(config["extensions"]).split(","):
+        if name.strip() and name.strip() not in EXTENSIONS:
+            raise ConfigError(f"Unknown run extension {name.strip()!r}; choose one of: {', '.join(sorted(EXTENSIONS))}.")
+
+
+def check_run_config(run_config: dict[str, Any], explicit_keys: Sequence[str]) -> None:
+    """Raise ValueError for a run config that the ServerApp would reject, before the run starts.
+
+    ``corolla simulate``, ``corolla sweep`` and ``corolla run`` make these checks: known
+    component names, a strategy that builds from the config, and no key in
+    ``explicit_keys`` (the ones the user set) that the strategy ignores. Building a
+    strategy only stores its settings, so the check is cheap.
+    """
+    from strategies import build_strategy, check_keys_take_effect
+
+    check_component_names(run_config)
+    # Flower's strategies log warnings about their settings when built. The ServerApp
+    # builds the strategy again and logs them there.
+    flower_logger = logging.getLogger("flwr")
+    level = flower_logger.level
+    flower_logger.setLevel(logging.ERROR)
+    try:
+        build_strategy(run_config)
+    finally:
+        flower_logger.setLevel(level)
+    check_keys_take_effect(str(run_config["strategy"]), explicit_keys)
 
 
 def _coerce(key: str, value: Any) -> Scalar:

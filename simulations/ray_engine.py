@@ -62,6 +62,7 @@ from typing import Any
 
 import httpx
 
+from server.launch import flower_executable
 from simulations.flower_run_config import format_run_config
 
 log = logging.getLogger(__name__)
@@ -209,14 +210,11 @@ def _free_loopback_port() -> int:
 
 
 def _flower_executable(name: str) -> str:
-    """Find a Flower console script next to this interpreter first, so an unactivated venv works."""
-    candidate = Path(sys.executable).parent / name
-    if candidate.is_file():
-        return str(candidate)
-    found = shutil.which(name)
-    if found is None:
-        raise RayEngineError(f"Flower's `{name}` command was not found. Install flwr[simulation] in this environment.")
-    return found
+    """Find a Flower console script with ``server.launch.flower_executable``, raising RayEngineError if it is missing."""
+    try:
+        return flower_executable(name)
+    except FileNotFoundError as error:
+        raise RayEngineError(str(error)) from None
 
 
 class _SimulationSuperLink:

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from simulations.experiments import DEFAULTS, ConfigError, Scalar, parse_override, resolve_run_config
+from simulations.experiments import DEFAULTS, ConfigError, Scalar, check_component_names, check_run_config, parse_override, resolve_run_config
 
 logger = logging.getLogger(__name__)
 
@@ -235,39 +235,6 @@ def _describe(entries: Sequence[SweepEntry], index: int) -> str:
     return f"{index + 1} ({entry.text or entry.label!r})"
 
 
-def _check_names(config: dict[str, Any]) -> None:
-    """Raise ConfigError unless the dataset, model, partitioner and extensions of ``config`` exist."""
-    from client.models import MODELS
-    from server.extensions import EXTENSIONS
-    from simulations.datasets import DATASETS
-    from simulations.partition import PARTITIONERS
-
-    for key, known in (("dataset", DATASETS), ("model", MODELS), ("partition", PARTITIONERS)):
-        if config[key] not in known:
-            raise ConfigError(f"Unknown {key} {config[key]!r}; choose one of: {', '.join(known)}.")
-    for name in str(config["extensions"]).split(","):
-        if name.strip() and name.strip() not in EXTENSIONS:
-            raise ConfigError(f"Unknown run extension {name.strip()!r}; choose one of: {', '.join(sorted(EXTENSIONS))}.")
-
-
-def _check_strategy(config: dict[str, Any]) -> None:
-    """Build the strategy of ``config`` to check its settings, and raise ValueError if they are invalid.
-
-    Building a strategy only stores its settings, so this is cheap.
-    """
-    from strategies import build_strategy
-
-    # Flower's strategies log warnings about their settings when built. The run builds its
-    # strategy again and logs them there, so this check keeps them quiet.
-    flower_logger = logging.getLogger("flwr")
-    level = flower_logger.level
-    flower_logger.setLevel(logging.ERROR)
-    try:
-        build_strategy(config)
-    finally:
-        flower_logger.setLevel(level)
-
-
 def _resolve_entry(experiment: str, entry: SweepEntry, overrides: dict[str, Any], seed: int, run_dir: Path) -> dict[str, Any]:
     values = {**overrides, **entry.overrides, "strategy": entry.strategy, "seed": seed, "out-dir": str(run_dir)}
     config = resolve_run_config(experiment, values)
@@ -286,7 +253,7 @@ def _check_sweep_settings(experiment: str, entries: Sequence[SweepEntry], seeds:
     try:
         shared = resolve_run_config(experiment, overrides)
         shared["extensions"] = _with_fairness(str(shared["extensions"]))
-        _check_names(shared)
+        check_component_names(shared)
     except ConfigError as error:
         raise ConfigError(f"Invalid --set value: {error}") from None
 
@@ -304,13 +271,9 @@ def _entry_directory_name(entries: Sequence[SweepEntry], index: int) -> str:
 
 def _check_entry(experiment: str, entries: Sequence[SweepEntry], index: int, overrides: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """Resolve ``entries[index]`` with seed 0 and make the checks a run makes before training."""
-    from strategies import check_keys_take_effect
-
     try:
         config = _resolve_entry(experiment, entries[index], overrides, 0, run_dir)
-        _check_names(config)
-        _check_strategy(config)
-        check_keys_take_effect(entries[index].strategy, entries[index].overrides)
+        check_run_config(config, list(entries[index].overrides))
     except ValueError as error:
         raise ConfigError(f"Invalid sweep entry {_describe(entries, index)}: {error}") from None
     return config

@@ -18,6 +18,7 @@ import stat
 import subprocess
 import sys
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,7 +183,7 @@ def test_find_certificates_missing_directory(tmp_path: Path) -> None:
 def test_superlink_command_enables_tls_and_auth(certificates: launch.CertificatePaths) -> None:
     command = superlink_command(certificates, port=9123)
 
-    assert command[0] == "flower-superlink"
+    assert command[0] == str(Path(sys.executable).parent / "flower-superlink")
     assert command[command.index("--ssl-ca-certfile") + 1] == str(certificates.ca_certificate)
     assert command[command.index("--ssl-certfile") + 1] == str(certificates.server_certificate)
     assert command[command.index("--ssl-keyfile") + 1] == str(certificates.server_key)
@@ -236,7 +237,7 @@ def test_supernode_command_with_partition(certificates: launch.CertificatePaths)
 
     command = supernode_command("127.0.0.1:9092", certificates.ca_certificate, node.private_key, (1, 2), runtime_port=9301)
 
-    assert command[0] == "flower-supernode"
+    assert command[0] == str(Path(sys.executable).parent / "flower-supernode")
     assert command[command.index("--superlink") + 1] == "127.0.0.1:9092"
     assert command[command.index("--root-certificates") + 1] == str(certificates.ca_certificate)
     assert command[command.index("--auth-supernode-private-key") + 1] == str(node.private_key)
@@ -435,7 +436,11 @@ class Federation:
 
     def flwr(self, *arguments: str) -> dict:
         completed = subprocess.run(
-            ["flwr", *arguments, "--format", "json"], env=self.environment, capture_output=True, text=True, timeout=60
+            [launch.flower_executable("flwr"), *arguments, "--format", "json"],
+            env=self.environment,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         return json.loads(completed.stdout)
 
@@ -465,13 +470,17 @@ def federation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Federation:
         pytest.skip("finding leftover processes needs Linux /proc")
     home = tmp_path / "flwr-home"
     home.mkdir()
-    # Set in this process too, for the `flwr` commands that server.launch runs.
+    # Set in this process too, for the `flwr` commands that server.launch runs. PATH
+    # lacks the interpreter's directory, as when the virtual environment is not
+    # activated, so every Flower command must be found next to the interpreter.
+    scripts_dir = Path(sys.executable).parent
+    path_entries = [entry for entry in os.environ.get("PATH", "").split(os.pathsep) if entry and Path(entry) != scripts_dir]
     flower_settings = {
         "FLWR_HOME": str(home),
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        "PATH": os.pathsep.join(path_entries),
     }
     for name, value in flower_settings.items():
         monkeypatch.setenv(name, value)
@@ -511,8 +520,15 @@ def _round_accuracies(events_path: Path) -> dict[int, float]:
 
 
 def _start_superlink(federation: Federation, certs: Path) -> None:
+    """Start `corolla server` and wait until it has written the connection, which it does once the SuperLink is up."""
+    config_path = Path(federation.environment["FLWR_HOME"]) / "config.toml"
+
+    def connection_written() -> bool:
+        return config_path.is_file() and "loopback" in tomllib.loads(config_path.read_text()).get("superlink", {})
+
     federation.start("superlink", ["server", "--certs", str(certs), "--port", str(federation.port), "--connection", "loopback"])
-    _wait_for(lambda: not _port_is_free(federation.port), STARTUP_TIMEOUT_S, "the SuperLink port", federation)
+    _wait_for(connection_written, STARTUP_TIMEOUT_S, "the SuperLink connection", federation)
+    assert not _port_is_free(federation.port)
 
 
 def _corolla_run(federation: Federation, out_dir: Path, *settings: str) -> subprocess.CompletedProcess[str]:
@@ -562,7 +578,7 @@ def test_tls_federation_trains_and_rejects_unknown_node(federation: Federation) 
     run = _corolla_run(federation, out_dir, "num-clients=2", "num-server-rounds=2", "fraction-evaluate=0.0")
 
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "$ flwr run " in run.stdout
+    assert f"$ {Path(sys.executable).parent / 'flwr'} run " in run.stdout
     assert "finished:completed" in run.stdout
     assert "Final central accuracy" in run.stdout
 
@@ -574,8 +590,8 @@ def test_tls_federation_trains_and_rejects_unknown_node(federation: Federation) 
 
     assert intruder.wait(timeout=STARTUP_TIMEOUT_S) != 0
     assert "Failed to activate SuperNode" in federation.log("intruder")
-    assert "$ flower-supernode " in federation.log("intruder")
-    assert "$ flower-superlink " in federation.log("superlink")
+    assert f"$ {Path(sys.executable).parent / 'flower-supernode'} " in federation.log("intruder")
+    assert f"$ {Path(sys.executable).parent / 'flower-superlink'} " in federation.log("superlink")
 
 
 @pytest.mark.slow
@@ -584,9 +600,10 @@ def test_failed_run_exits_nonzero(federation: Federation) -> None:
     write_certificates(certs, [])
     _start_superlink(federation, certs)
 
-    # The ServerApp raises on the unknown dataset before it needs any SuperNode.
-    run = _corolla_run(federation, federation.root / "run", "dataset=no-such-dataset")
+    # `corolla run` checks names but not directories, so the ServerApp is the first to
+    # reject this data directory, before it needs any SuperNode.
+    run = _corolla_run(federation, federation.root / "run", "data-dir=/no-such-data-dir")
 
     assert run.returncode == 1, run.stdout + run.stderr
     assert "finished:failed" in run.stdout
-    assert "no-such-dataset" in run.stderr
+    assert "no-such-data-dir" in run.stderr
