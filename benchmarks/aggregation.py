@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from client.models import build_model  # noqa: E402
-from markdown_section import machine_description, write_section  # noqa: E402
+from markdown_section import machine_description, publish_section  # noqa: E402
 from simulations.experiments import resolve_run_config  # noqa: E402
 from simulations.inprocess import InProcessGrid  # noqa: E402
 from simulations.synthetic_replies import make_train_reply, task_identity  # noqa: E402
@@ -172,10 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/aggregation.py " + " ".join(argv if argv is not None else sys.argv[1:])
     section = format_section(results, client_counts, rounds, command.strip())
     print()
-    print(section)
-    if args.write:
-        write_section(Path(args.write), SECTION_TITLE, section)
-        print(f"Section written to {args.write}")
+    publish_section(section, SECTION_TITLE, args.write)
     return 0
 
 

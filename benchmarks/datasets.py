@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from markdown_section import machine_description, write_section  # noqa: E402
+from markdown_section import machine_description, publish_section  # noqa: E402
 
 SECTION_TITLE = "## Dataset loading"
 # The datasets that load without a data directory (the others read files the user supplies).
@@ -153,10 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if names != list(PACKAGED):
         command += f" --datasets {','.join(names)}"
     section = format_section(results, args.repeats, command)
-    print(section)
-    if args.write:
-        write_section(Path(args.write), SECTION_TITLE, section)
-        print(f"Section written to {args.write}")
+    publish_section(section, SECTION_TITLE, args.write)
     return 0
 
 

@@ -30,3 +30,11 @@ def write_section(path: Path, title: str, section: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text, encoding="utf-8")
+
+
+def publish_section(section: str, title: str, path: str | None) -> None:
+    """Print ``section`` and, when ``path`` is given, write it into that Markdown file with ``write_section``."""
+    print(section)
+    if path:
+        write_section(Path(path), title, section)
+        print(f"Section written to {path}")

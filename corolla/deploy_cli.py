@@ -475,12 +475,14 @@ def check_run_directory_unused(out_dir: Path) -> None:
         return
     if not out_dir.is_dir():
         raise ConfigError(f"Invalid run directory {out_dir}: it is a file, not a directory; choose another --out.")
-    for name in ("events.jsonl", "summary.json"):
-        if (out_dir / name).exists():
-            raise ConfigError(
-                f"Run directory {out_dir} already contains a run ({name}), which this run would overwrite; "
-                "choose another --out or remove that directory."
-            )
+    from server.results import existing_run_files
+
+    existing = existing_run_files(out_dir)
+    if existing:
+        raise ConfigError(
+            f"Run directory {out_dir} already contains a run ({', '.join(existing)}), which this run would overwrite; "
+            "choose another --out or remove that directory."
+        )
 
 
 def run_run_command(args: argparse.Namespace) -> int:

@@ -39,7 +39,7 @@ class ProgressDisplay:
             stopping = self._stop.is_set()
             if self.events_path.is_file():
                 if self.events_path.stat().st_size < position:
-                    position = 0  # The file was replaced by a new run's, so read it from the start.
+                    position = 0  # A shorter file than before was replaced, so read it from the start.
                 with open(self.events_path, encoding="utf-8") as stream:
                     stream.seek(position)
                     while line := stream.readline():

@@ -724,7 +724,7 @@ def check_bind_address(host: str, port: int) -> None:
 
 
 def superlink_is_healthy(address: str, root_certificates: Path, *, timeout: float = 2.0) -> bool:
-    """Return whether the SuperLink at ``address`` answers ``GET /health`` over TLS.
+    """Return whether the SuperLink at ``address`` responds to ``GET /health`` over TLS.
 
     The TLS handshake verifies the SuperLink against ``root_certificates`` for
     the host in ``address``, as ``flwr`` does. Proxy settings in the

@@ -61,10 +61,10 @@ def _weighted_means(records: list, phase: str) -> dict[str, float]:
 
 
 def client_key(partition_id: int, node_id: int) -> str:
-    """Return the name under which a client's results are kept: its partition id, or ``node-<id>``.
+    """Return the key of a client's results: its partition id, or ``node-<id>``.
 
     A node that serves its own data directory has no partition (partition id -1), so its
-    node id tells it apart from other such nodes.
+    node id distinguishes it from other such nodes.
     """
     return str(partition_id) if partition_id >= 0 else f"node-{node_id}"
 
@@ -74,12 +74,17 @@ def client_sort_key(key: str) -> tuple[int, int, str]:
     return (0, int(key), "") if key.isdigit() else (1, 0, key)
 
 
+def existing_run_files(out_dir: Path) -> list[str]:
+    """Return the run files (events and summary) in ``out_dir``, which a new run there would overwrite."""
+    return [name for name in (EVENTS_FILE, SUMMARY_FILE) if (Path(out_dir) / name).exists()]
+
+
 class RunRecorder:
     """Write one run's directory as the run goes."""
 
     def __init__(self, out_dir: Path, run_config: dict[str, Any]) -> None:
         self.out_dir = Path(out_dir).resolve()
-        existing = [name for name in (EVENTS_FILE, SUMMARY_FILE) if (self.out_dir / name).exists()]
+        existing = existing_run_files(self.out_dir)
         if existing:
             raise FileExistsError(
                 f"Run directory {self.out_dir} already contains a run ({', '.join(existing)}); "

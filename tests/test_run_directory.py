@@ -193,7 +193,7 @@ def test_out_under_a_file_exits_with_usage_error(tmp_path, capsys):
     assert f"{a_file} is a file" in capsys.readouterr().err
 
 
-def test_out_that_is_a_file_exits_with_usage_error(tmp_path, capsys):
+def test_out_file_exits_with_usage_error(tmp_path, capsys):
     a_file = tmp_path / "a-file"
     a_file.write_text("not a directory")
 
